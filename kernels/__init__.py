@@ -1,0 +1,1 @@
+"""Fused kernels of the WaveGuard step, shipped as ``waveguard_optim.kernels``."""

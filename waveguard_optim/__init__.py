@@ -1,0 +1,12 @@
+"""WaveGuard: Adam and SGD that denoise each gradient over time before the update.
+
+See ``SPEC.md`` for the math: per element, the last N gradients are Haar-transformed
+over time, their details soft-thresholded at a MAD/VisuShrink noise level scaled by an
+SNR gate, and the result averaged with recency weights.
+"""
+
+from .adam import WaveAdam
+from .sgd import WaveSGD
+
+__all__ = ["WaveAdam", "WaveSGD"]
+__version__ = "0.1.0"

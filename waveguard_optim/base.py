@@ -1,0 +1,89 @@
+"""What WaveAdam and WaveSGD share on top of their torch optimizer: the WaveGuard options
+in every param group, checkpoint handling, and the choice of code path."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._compat import _get_foreach_kernels_supported_devices
+from .denoise import denoise
+from .history import restore_history, split_checkpoint
+from .options import WAVE_DEFAULTS, check_wave_options
+
+
+class WaveGuardMixin(torch.optim.Optimizer):
+    """Mixed in before a torch optimizer class: ``class WaveAdam(WaveGuardMixin, Adam)``.
+
+    The subclass's ``__init__`` validates its wave options, runs the torch constructor,
+    then calls :meth:`_adopt_wave_options`.
+    """
+
+    def _adopt_wave_options(self, options: dict[str, Any]) -> None:
+        self.defaults.update(options)
+        for group in self.param_groups:
+            for name, value in options.items():
+                group.setdefault(name, value)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        # During torch's constructor the defaults do not hold the wave options yet;
+        # _adopt_wave_options fills those groups afterwards.
+        for name in WAVE_DEFAULTS:
+            if name in self.defaults:
+                param_group.setdefault(name, self.defaults[name])
+        check_wave_options({k: param_group[k] for k in WAVE_DEFAULTS if k in param_group})
+        super().add_param_group(param_group)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for name, value in WAVE_DEFAULTS.items():
+            self.defaults.setdefault(name, value)
+        for group in self.param_groups:
+            for name in WAVE_DEFAULTS:
+                group.setdefault(name, self.defaults[name])
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a WaveGuard or a plain torch checkpoint of the same optimizer family.
+
+        The history comes back with its own dtype (torch would cast it to the parameter's);
+        a torch checkpoint starts the history empty; a malformed history is refused with a
+        ``ValueError`` before anything changes.
+        """
+        torch_part, wave_part = split_checkpoint(self.param_groups, state_dict, WAVE_DEFAULTS)
+        super().load_state_dict(torch_part)
+        restore_history(self.state, wave_part)
+
+    def _check_dense(self, group: dict[str, Any]) -> None:
+        for p in group["params"]:
+            if p.grad is not None and p.grad.is_sparse:
+                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+
+    def _amp_step_skipped(self) -> bool:
+        """True when GradScaler found inf/nan for a fused step: then nothing is recorded."""
+        found_inf = getattr(self, "found_inf", None)
+        return found_inf is not None and bool(found_inf.item())
+
+    def _paths(self, group: dict[str, Any], params: list[Tensor]) -> tuple[bool, bool]:
+        """``(foreach, fused)`` for this group, resolving torch's None defaults."""
+        foreach, fused = group["foreach"], group["fused"]
+        if foreach is None and fused is None:
+            foreach_devices = _get_foreach_kernels_supported_devices()
+            foreach = bool(params) and all(p.device.type in foreach_devices for p in params)
+        return bool(foreach), bool(fused)
+
+    def _denoise(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], foreach: bool) -> list[Tensor]:
+        return denoise(
+            params,
+            grads,
+            [self.state[p] for p in params],
+            buffer_size=group["buffer_size"],
+            decay=group["decay"],
+            threshold_scale=group["threshold_scale"],
+            snr_gate=group["snr_gate"],
+            buffer_dtype=group["buffer_dtype"],
+            maximize=group["maximize"],
+            grad_scale=getattr(self, "grad_scale", None),
+            foreach=foreach,
+        )

@@ -1,0 +1,95 @@
+"""Record each gradient into its history and return the denoised gradients (SPEC section 4).
+
+``denoise`` is the functional entry point shared by WaveAdam and WaveSGD; it dispatches to
+a single-tensor path (the filter per parameter: the least temporary memory) or a
+multi-tensor path (the filter over all tensors of a device and dtype at once: the fewest
+kernel launches). Both run :func:`waveguard_optim.filter.fold_filter`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .filter import fold_filter
+from .history import claim_slot, time_ordered
+
+
+def _compute_dtype(p: Tensor) -> torch.dtype:
+    """float64 arithmetic for float64 (and complex128) parameters, float32 for everything else."""
+    return torch.float64 if p.dtype in (torch.float64, torch.complex128) else torch.float32
+
+
+def _to_compute(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return (torch.view_as_real(t) if t.is_complex() else t).to(dtype)
+
+
+def _from_compute(x: Tensor, p: Tensor) -> Tensor:
+    if p.is_complex():
+        return torch.view_as_complex(x.to(torch.view_as_real(p).dtype))
+    return x.to(p.dtype)
+
+
+def _single_tensor_filter(params: list[Tensor], slots: list[list[Tensor]], options: dict[str, Any]) -> list[Tensor]:
+    out = []
+    for p, history in zip(params, slots):
+        dtype = _compute_dtype(p)
+        (g_hat,) = fold_filter([[_to_compute(b, dtype)] for b in history], **options)
+        out.append(_from_compute(g_hat, p))
+    return out
+
+
+def _multi_tensor_filter(params: list[Tensor], slots: list[list[Tensor]], options: dict[str, Any]) -> list[Tensor]:
+    buckets: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, p in enumerate(params):
+        buckets.setdefault((p.device, _compute_dtype(p)), []).append(i)
+    out: list[Tensor] = [None] * len(params)  # type: ignore[list-item]
+    for (_, dtype), members in buckets.items():
+        time_major = [[_to_compute(slots[i][j], dtype) for i in members] for j in range(len(slots[members[0]]))]
+        for i, g_hat in zip(members, fold_filter(time_major, **options)):
+            out[i] = _from_compute(g_hat, params[i])
+    return out
+
+
+def denoise(
+    params: list[Tensor],
+    grads: list[Tensor],
+    states: list[dict[str, Any]],
+    *,
+    buffer_size: int,
+    decay: float,
+    threshold_scale: float,
+    snr_gate: bool,
+    buffer_dtype: torch.dtype | None,
+    maximize: bool,
+    grad_scale: Tensor | None,
+    foreach: bool,
+) -> list[Tensor]:
+    """Record ``grads`` (negated under ``maximize``, divided by ``grad_scale`` if given) and
+    return the gradient each parameter's update should use: the raw one during warm-up,
+    the filtered one once its history is full. ``grads`` are never modified.
+    """
+    if grad_scale is not None:
+        grads = [g / grad_scale.to(g.device) for g in grads]
+    if maximize:
+        grads = torch._foreach_neg(grads) if foreach else [-g for g in grads]
+
+    claimed = [claim_slot(s, p, buffer_size, buffer_dtype) for s, p in zip(states, params)]
+    slots = [slot for slot, _ in claimed]
+    if foreach:
+        torch._foreach_copy_(slots, grads)
+    else:
+        for slot, g in zip(slots, grads):
+            slot.copy_(g)
+
+    ready = [i for i, (_, full) in enumerate(claimed) if full]
+    out = list(grads)
+    if ready:
+        path = _multi_tensor_filter if foreach else _single_tensor_filter
+        options = dict(decay=decay, threshold_scale=threshold_scale, snr_gate=snr_gate)
+        filtered = path([params[i] for i in ready], [time_ordered(states[i], buffer_size) for i in ready], options)
+        for i, g_hat in zip(ready, filtered):
+            out[i] = g_hat
+    return out

@@ -1,0 +1,159 @@
+"""The WaveGuard filter in its folded form, over lists of tensors (SPEC section 3).
+
+This module owns the fast math: the recency weights ``w`` and their Haar transform ``u``,
+the median of the finest detail magnitudes (a pruned sorting network of min/max, so no
+sort and no stacking), the SNR gate, and
+
+    g_hat = sum_j w_j b_j - sum_{i>=1} u_i clamp(c_i, -tau, tau).
+
+All arithmetic is ``torch._foreach_*`` over lists, one entry per tensor: the multi-tensor
+path passes many tensors at once, the single-tensor path one at a time. The fused kernels
+reuse :func:`filter_weights`, :func:`median_network` and :func:`threshold_scale_factor` so that
+the constants are derived in one place.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .reference import MAD_TO_SIGMA, haar, recency_weights
+
+TensorList = list[Tensor]
+_SQRT_HALF = math.sqrt(0.5)
+
+
+@functools.lru_cache(maxsize=None)
+def filter_weights(buffer_size: int, decay: float) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``(w, u)`` as Python floats computed in float64: the recency weights and ``u = Haar(w)``."""
+    w = recency_weights(buffer_size, decay)
+    return tuple(w.tolist()), tuple(haar(w).tolist())
+
+
+def threshold_scale_factor(buffer_size: int, threshold_scale: float) -> float:
+    """kappa * sqrt(2 ln N) / 0.6745: turns the median of finest |details| into tau (gate aside)."""
+    return threshold_scale * math.sqrt(2.0 * math.log(buffer_size)) / MAD_TO_SIGMA
+
+
+def _sorting_network(n: int) -> list[tuple[int, int]]:
+    """Batcher's odd-even merge sort for a power-of-two ``n``: compare-exchange pairs (lo, hi)."""
+    pairs = []
+    p = 1
+    while p < n:
+        k = p
+        while k >= 1:
+            for j in range(k % p, n - k, 2 * k):
+                for i in range(min(k, n - j - k)):
+                    if (i + j) // (2 * p) == (i + j + k) // (2 * p):
+                        pairs.append((i + j, i + j + k))
+            k //= 2
+        p *= 2
+    return pairs
+
+
+@functools.lru_cache(maxsize=None)
+def median_network(n: int) -> tuple[tuple[tuple[int, int, bool, bool], ...], tuple[int, ...]]:
+    """The part of a sorting network of ``n`` wires that the median needs.
+
+    Returns ``(steps, middle)``: each step ``(lo, hi, need_min, need_max)`` writes
+    ``min`` to wire ``lo`` and/or ``max`` to wire ``hi``; afterwards the wires in
+    ``middle`` (one for odd ``n``, two for even) hold the middle order statistics.
+    Comparators whose outputs never reach the middle are dropped.
+    """
+    middle = (n // 2,) if n % 2 else (n // 2 - 1, n // 2)
+    wanted = set(middle)
+    steps = []
+    for lo, hi in reversed(_sorting_network(n)):
+        need_min, need_max = lo in wanted, hi in wanted
+        if need_min or need_max:
+            steps.append((lo, hi, need_min, need_max))
+            wanted |= {lo, hi}
+    return tuple(reversed(steps)), middle
+
+
+def _median(values: list[TensorList]) -> TensorList:
+    """Elementwise median of ``len(values)`` tensor lists (the inputs are not modified)."""
+    steps, middle = median_network(len(values))
+    wires = list(values)
+    for lo, hi, need_min, need_max in steps:
+        a, b = wires[lo], wires[hi]
+        if need_min:
+            wires[lo] = torch._foreach_minimum(a, b)
+        if need_max:
+            wires[hi] = torch._foreach_maximum(a, b)
+    if len(middle) == 1:
+        return wires[middle[0]]
+    out = torch._foreach_add(wires[middle[0]], wires[middle[1]])
+    torch._foreach_mul_(out, 0.5)
+    return out
+
+
+def _haar_level(x: Sequence[TensorList], *, with_approx: bool = True) -> tuple[list[TensorList], list[TensorList]]:
+    """One Haar level over time-ordered tensor lists: (approximations, details)."""
+    approx, details = [], []
+    for even, odd in zip(x[0::2], x[1::2]):
+        d = torch._foreach_sub(even, odd)
+        torch._foreach_mul_(d, _SQRT_HALF)
+        details.append(d)
+        if with_approx:
+            a = torch._foreach_add(even, odd)
+            torch._foreach_mul_(a, _SQRT_HALF)
+            approx.append(a)
+    return approx, details
+
+
+def _sum_of_squares(x: list[TensorList]) -> TensorList:
+    total = torch._foreach_mul(x[0], x[0])
+    for t in x[1:]:
+        torch._foreach_addcmul_(total, t, t)
+    return total
+
+
+def _tau(approx: list[TensorList], details: list[TensorList], *, scale: float, snr_gate: bool) -> TensorList:
+    """tau = kappa * gamma * T from the first Haar level (coarse energy by Parseval)."""
+    tau = _median([torch._foreach_abs(d) for d in details])
+    torch._foreach_mul_(tau, scale)
+    if snr_gate:
+        e_fine = _sum_of_squares(details)
+        total = torch._foreach_add(_sum_of_squares(approx), e_fine)
+        # total >= 0; raising an exact 0 to the smallest subnormal makes 0/0 -> 0 and changes nothing else.
+        finfo = torch.finfo(total[0].dtype)
+        torch._foreach_clamp_min_(total, finfo.smallest_normal * finfo.eps)
+        torch._foreach_div_(e_fine, total)
+        torch._foreach_mul_(tau, e_fine)
+    return tau
+
+
+def fold_filter(
+    slots: Sequence[TensorList], *, decay: float, threshold_scale: float, snr_gate: bool
+) -> TensorList:
+    """Denoised gradients from ``slots[j]``, the j-th oldest of the last N gradients of each tensor.
+
+    The inputs are read, never written; they must share the compute dtype (float32 or
+    float64). Returns new tensors of that dtype.
+    """
+    n = len(slots)
+    w, u = filter_weights(n, decay)
+    out = torch._foreach_mul(slots[0], w[0])
+    for weight, b in zip(w[1:], slots[1:]):
+        torch._foreach_add_(out, b, alpha=weight)
+    if threshold_scale == 0:  # tau = 0 clamps every detail to 0: the weighted average is exact.
+        return out
+
+    approx, details = _haar_level(slots)
+    tau = _tau(approx, details, scale=threshold_scale_factor(n, threshold_scale), snr_gate=snr_gate)
+    neg_tau = torch._foreach_neg(tau)
+    width = n // 2  # details of this level sit at u[width : 2 * width]
+    while True:
+        for weight, d in zip(u[width : 2 * width], details):
+            torch._foreach_maximum_(d, neg_tau)
+            torch._foreach_minimum_(d, tau)
+            torch._foreach_add_(out, d, alpha=-weight)
+        if width == 1:
+            return out
+        width //= 2
+        approx, details = _haar_level(approx, with_approx=width > 1)

@@ -1,0 +1,122 @@
+"""The per-parameter gradient history (SPEC section 4) and its checkpoint handling.
+
+Each parameter owns ``buffer_size`` parameter-shaped slots, ``wave_history_0`` ...,
+written as a ring (the k-th recorded gradient goes to slot ``k mod N``; nothing is
+rolled), and ``wave_count``, a Python int: it survives torch's ``load_state_dict``
+casts untouched and picking a slot needs no device sync.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .options import check_wave_options
+
+COUNT_KEY = "wave_count"
+_SLOT_PREFIX = "wave_history_"
+
+
+def slot_key(i: int) -> str:
+    return f"{_SLOT_PREFIX}{i}"
+
+
+def is_wave_key(key: Any) -> bool:
+    return isinstance(key, str) and (key == COUNT_KEY or key.startswith(_SLOT_PREFIX))
+
+
+def claim_slot(state: dict[str, Any], p: Tensor, buffer_size: int, buffer_dtype: torch.dtype | None) -> tuple[Tensor, bool]:
+    """The slot the current gradient goes to, and whether the history is then full.
+
+    Creates all slots (zeros, like ``p``) on the parameter's first gradient and counts
+    the gradient as recorded: the caller must write it into the returned slot.
+    """
+    if COUNT_KEY not in state:
+        dtype = p.dtype if p.is_complex() or buffer_dtype is None else buffer_dtype
+        for i in range(buffer_size):
+            state[slot_key(i)] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+        state[COUNT_KEY] = 0
+    count = state[COUNT_KEY]
+    state[COUNT_KEY] = count + 1
+    return state[slot_key(count % buffer_size)], count + 1 >= buffer_size
+
+
+def time_ordered(state: Mapping[str, Any], buffer_size: int) -> list[Tensor]:
+    """The last ``buffer_size`` recorded gradients, oldest first (references, no copies)."""
+    count = state[COUNT_KEY]
+    return [state[slot_key((count + j) % buffer_size)] for j in range(buffer_size)]
+
+
+def _history_problem(wave: Mapping[str, Any], p: Tensor, buffer_size: int) -> str | None:
+    count = wave.get(COUNT_KEY)
+    if isinstance(count, Tensor) and count.dim() == 0 and not count.is_floating_point():
+        count = int(count)
+    if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+        return f"{COUNT_KEY} must be an int >= 0, got {count!r}"
+    expected = {slot_key(i) for i in range(buffer_size)}
+    found = set(wave) - {COUNT_KEY}
+    if found != expected:
+        return f"expected slots {slot_key(0)}..{slot_key(buffer_size - 1)} for buffer_size={buffer_size}, got {sorted(found)}"
+    for key in sorted(found):
+        slot = wave[key]
+        if not isinstance(slot, Tensor) or slot.shape != p.shape:
+            shape = tuple(slot.shape) if isinstance(slot, Tensor) else type(slot).__name__
+            return f"{key} has shape {shape}, the parameter has {tuple(p.shape)}"
+        if slot.is_complex() != p.is_complex() or not (slot.is_floating_point() or slot.is_complex()):
+            return f"{key} has dtype {slot.dtype}, which cannot hold gradients of a {p.dtype} parameter"
+    return None
+
+
+def split_checkpoint(
+    param_groups: list[dict[str, Any]], state_dict: Mapping[str, Any], wave_defaults: Mapping[str, Any]
+) -> tuple[dict[str, Any], dict[Tensor, dict[str, Any]]]:
+    """Validate a checkpoint's WaveGuard part and take it out of the torch part.
+
+    Returns the state dict torch should load (wave keys removed, missing wave options
+    filled from the current groups) and the wave state per parameter, to put back after
+    torch's load (whose casts would change its dtype). Raises ``ValueError`` naming the
+    parameter before anything is changed. Mismatched group layouts are passed through
+    for torch's own ``load_state_dict`` to refuse.
+    """
+    saved_groups = state_dict["param_groups"]
+    if len(saved_groups) != len(param_groups) or any(
+        len(g["params"]) != len(s["params"]) for g, s in zip(param_groups, saved_groups)
+    ):
+        return dict(state_dict), {}
+    groups = []
+    owner: dict[Any, tuple[Tensor, int, dict[str, Any]]] = {}
+    for index, (group, saved) in enumerate(zip(param_groups, saved_groups)):
+        saved = {**{k: group.get(k, v) for k, v in wave_defaults.items()}, **saved}
+        try:
+            check_wave_options({k: saved[k] for k in wave_defaults})
+        except ValueError as err:
+            raise ValueError(f"Refusing checkpoint: parameter group {index}: {err}") from None
+        groups.append(saved)
+        for pid, p in zip(saved["params"], group["params"]):
+            owner[pid] = (p, index, saved)
+
+    state: dict[Any, Any] = {}
+    wave_state: dict[Tensor, dict[str, Any]] = {}
+    for pid, p_state in state_dict["state"].items():
+        wave = {k: v for k, v in p_state.items() if is_wave_key(k)}
+        if pid in owner and wave:
+            p, index, saved = owner[pid]
+            problem = _history_problem(wave, p, saved["buffer_size"])
+            if problem is not None:
+                raise ValueError(
+                    f"Refusing checkpoint: WaveGuard history of parameter {pid} (group {index}, shape "
+                    f"{tuple(p.shape)}): {problem}. The optimizer was left unchanged."
+                )
+            wave_state[p] = wave
+        state[pid] = {k: v for k, v in p_state.items() if not is_wave_key(k)}
+    return {**state_dict, "state": state, "param_groups": groups}, wave_state
+
+
+def restore_history(state: Mapping[Tensor, dict[str, Any]], wave_state: Mapping[Tensor, Mapping[str, Any]]) -> None:
+    """Put validated wave state back after torch's load: same dtype, the parameter's device."""
+    for p, wave in wave_state.items():
+        for key, value in wave.items():
+            state[p][key] = int(value) if key == COUNT_KEY else value.to(device=p.device)

@@ -1,0 +1,46 @@
+"""The WaveGuard hyperparameters (SPEC section 2): defaults and validation."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+WAVE_DEFAULTS: dict[str, Any] = {
+    "buffer_size": 8,
+    "decay": 0.85,
+    "threshold_scale": 1.0,
+    "snr_gate": True,
+    "buffer_dtype": None,
+}
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _problem(name: str, value: Any) -> str | None:
+    """Why ``value`` is not valid for ``name``, or None when it is."""
+    if name == "buffer_size":
+        ok = isinstance(value, int) and not isinstance(value, bool) and 2 <= value <= 64 and value & (value - 1) == 0
+        return None if ok else "must be a power of two between 2 and 64"
+    if name == "decay":
+        return None if _is_real(value) and 0 < value <= 1 else "must be a number in (0, 1]"
+    if name == "threshold_scale":
+        return None if _is_real(value) and value >= 0 else "must be a finite number >= 0"
+    if name == "snr_gate":
+        return None if isinstance(value, bool) else "must be True or False"
+    if name == "buffer_dtype":
+        ok = value is None or (isinstance(value, torch.dtype) and value.is_floating_point)
+        return None if ok else "must be None or a real floating dtype"
+    raise KeyError(name)
+
+
+def check_wave_options(options: Mapping[str, Any]) -> None:
+    """Raise ``ValueError`` naming the first invalid WaveGuard option and its value."""
+    for name, value in options.items():
+        problem = _problem(name, value)
+        if problem is not None:
+            raise ValueError(f"Invalid {name}: {value!r} ({problem})")

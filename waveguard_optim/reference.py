@@ -1,0 +1,150 @@
+"""The WaveGuard filter and optimizers written the plain way: the test oracle.
+
+Everything here reads like SPEC section 3: an explicit Haar transform, a median, a
+gate, a soft threshold, the inverse transform and a weighted sum. Nothing is folded
+or fused, and speed does not matter. Every other code path is tested against it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+_SQRT2 = math.sqrt(2.0)
+MAD_TO_SIGMA = 0.6745
+
+
+def haar(x: Tensor) -> Tensor:
+    """Full-depth orthonormal Haar transform along dim 0 (length a power of two).
+
+    Layout: ``[final approximation, coarsest detail, ..., finest details]``, each
+    level's details in time order.
+    """
+    details = []
+    approx = x
+    while approx.shape[0] > 1:
+        even, odd = approx[0::2], approx[1::2]
+        details.append((even - odd) / _SQRT2)
+        approx = (even + odd) / _SQRT2
+    return torch.cat([approx] + details[::-1])
+
+
+def inverse_haar(c: Tensor) -> Tensor:
+    """Inverse of :func:`haar`."""
+    approx = c[:1]
+    width = 1
+    while width < c.shape[0]:
+        detail = c[width : 2 * width]
+        x = torch.empty((2 * width, *c.shape[1:]), dtype=c.dtype, device=c.device)
+        x[0::2] = (approx + detail) / _SQRT2
+        x[1::2] = (approx - detail) / _SQRT2
+        approx = x
+        width *= 2
+    return approx
+
+
+def recency_weights(buffer_size: int, decay: float, dtype: torch.dtype = torch.float64) -> Tensor:
+    """w_j = decay^(N-1-j) / sum_k decay^(N-1-k), oldest first."""
+    powers = torch.tensor([decay ** (buffer_size - 1 - j) for j in range(buffer_size)], dtype=torch.float64)
+    return (powers / powers.sum()).to(dtype)
+
+
+def median(x: Tensor) -> Tensor:
+    """Median along dim 0; an even count gives the mean of the two middle values."""
+    ordered = x.sort(dim=0).values
+    k = x.shape[0]
+    if k % 2:
+        return ordered[k // 2]
+    return (ordered[k // 2 - 1] + ordered[k // 2]) / 2
+
+
+def reference_filter(
+    buffer: Tensor, *, decay: float, threshold_scale: float, snr_gate: bool
+) -> Tensor:
+    """Denoised gradient from ``buffer`` of shape ``(N, *shape)``, oldest first (SPEC section 3).
+
+    Arithmetic is float64 for a float64 buffer and float32 otherwise.
+    """
+    dtype = torch.float64 if buffer.dtype == torch.float64 else torch.float32
+    b = buffer.to(dtype)
+    n = b.shape[0]
+    bcast = (n,) + (1,) * (b.dim() - 1)
+    w = recency_weights(n, decay, dtype).to(b.device).reshape(bcast)
+
+    c = haar(b)
+    finest = c[n // 2 :]
+    sigma = median(finest.abs()) / MAD_TO_SIGMA
+    universal = sigma * math.sqrt(2.0 * math.log(n))
+
+    if snr_gate:
+        e_coarse = (c[: n // 2] ** 2).sum(0)
+        e_fine = (finest**2).sum(0)
+        total = e_coarse + e_fine
+        gate = torch.where(total > 0, e_fine / total, torch.zeros_like(total))
+    else:
+        gate = torch.ones_like(universal)
+    tau = threshold_scale * gate * universal
+
+    d = c.clone()
+    d[1:] = torch.sign(c[1:]) * torch.clamp(c[1:].abs() - tau, min=0)
+    return (w * inverse_haar(d)).sum(0)
+
+
+class ReferenceWave:
+    """A WaveGuard optimizer the plain way: a list of the last N raw gradients per
+    parameter, :func:`reference_filter`, and torch's own optimizer run on the result.
+
+    ``optimizer_cls`` is ``torch.optim.Adam`` or ``torch.optim.SGD``; the remaining keyword
+    arguments go to it. For the inner optimizer's step, each ``.grad`` is swapped for the
+    denoised gradient and put back afterwards.
+    """
+
+    def __init__(
+        self,
+        params: Any,
+        optimizer_cls: type[torch.optim.Optimizer],
+        *,
+        buffer_size: int = 8,
+        decay: float = 0.85,
+        threshold_scale: float = 1.0,
+        snr_gate: bool = True,
+        buffer_dtype: torch.dtype | None = None,
+        maximize: bool = False,
+        **optimizer_kwargs: Any,
+    ) -> None:
+        self.params = list(params)
+        self.buffer_size = buffer_size
+        self.filter_options = dict(decay=decay, threshold_scale=threshold_scale, snr_gate=snr_gate)
+        self.buffer_dtype = buffer_dtype
+        self.maximize = maximize
+        self.history: dict[Tensor, list[Tensor]] = {p: [] for p in self.params}
+        # The history already holds -grad under maximize, so the inner optimizer must not negate again.
+        self.inner = optimizer_cls(self.params, maximize=False, **optimizer_kwargs)
+
+    def denoised(self, p: Tensor) -> Tensor:
+        """Record ``p.grad`` and return the gradient the inner optimizer should see."""
+        grad = -p.grad if self.maximize else p.grad
+        dtype = p.dtype if (p.is_complex() or self.buffer_dtype is None) else self.buffer_dtype
+        history = self.history[p]
+        history.append(grad.to(dtype, copy=True))
+        del history[: -self.buffer_size]
+        if len(history) < self.buffer_size:
+            return grad.clone()
+        buffer = torch.stack(history)
+        if p.is_complex():
+            out = reference_filter(torch.view_as_real(buffer), **self.filter_options)
+            return torch.view_as_complex(out.to(torch.view_as_real(grad).dtype).contiguous())
+        return reference_filter(buffer, **self.filter_options).to(p.dtype)
+
+    @torch.no_grad()
+    def step(self) -> None:
+        with_grad = [p for p in self.params if p.grad is not None]
+        raw = {p: p.grad for p in with_grad}
+        for p in with_grad:
+            p.grad = self.denoised(p)
+        self.inner.step()
+        for p in with_grad:
+            p.grad = raw[p]

@@ -1,0 +1,100 @@
+"""WaveSGD: ``torch.optim.SGD`` run on the WaveGuard-denoised gradient."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._compat import _use_grad_for_differentiable, sgd_functional
+from .base import WaveGuardMixin
+from .options import check_wave_options
+
+
+class WaveSGD(WaveGuardMixin, torch.optim.SGD):
+    """SGD (with optional momentum, dampening, Nesterov) on a denoised gradient.
+
+    Every ``torch.optim.SGD`` argument means what it means there, with the same
+    validation, state key (``momentum_buffer``) and numbers; weight decay is applied after
+    the filter. The WaveGuard options are those of :class:`waveguard_optim.WaveAdam`.
+    """
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float | Tensor = 1e-3,
+        momentum: float = 0,
+        dampening: float = 0,
+        weight_decay: float | Tensor = 0,
+        nesterov: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        buffer_size: int = 8,
+        decay: float = 0.85,
+        threshold_scale: float = 1.0,
+        snr_gate: bool = True,
+        buffer_dtype: torch.dtype | None = None,
+    ) -> None:
+        wave = dict(
+            buffer_size=buffer_size, decay=decay, threshold_scale=threshold_scale, snr_gate=snr_gate, buffer_dtype=buffer_dtype
+        )
+        check_wave_options(wave)
+        if differentiable:
+            raise ValueError("Invalid differentiable: True (the gradient history is not differentiable)")
+        super().__init__(
+            params,
+            lr=lr,
+            momentum=momentum,
+            dampening=dampening,
+            weight_decay=weight_decay,
+            nesterov=nesterov,
+            maximize=maximize,
+            foreach=foreach,
+            differentiable=differentiable,
+            fused=fused,
+        )
+        self._adopt_wave_options(wave)
+
+    @_use_grad_for_differentiable
+    def step(self, closure=None):  # type: ignore[override]
+        """Perform a single optimization step; ``closure`` re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if self._amp_step_skipped():
+            return loss
+
+        for group in self.param_groups:
+            self._check_dense(group)
+            params: list[Tensor] = []
+            grads: list[Tensor] = []
+            momentum_buffers: list[Tensor | None] = []
+            self._init_group(group, params, grads, momentum_buffers)
+            if not params:
+                continue
+            foreach, fused = self._paths(group, params)
+            sgd_functional(
+                params,
+                self._denoise(group, params, grads, foreach),
+                momentum_buffers,
+                has_sparse_grad=False,
+                foreach=foreach,
+                fused=fused,
+                grad_scale=None,
+                found_inf=None,
+                weight_decay=group["weight_decay"],
+                momentum=group["momentum"],
+                lr=group["lr"],
+                dampening=group["dampening"],
+                nesterov=group["nesterov"],
+                maximize=False,  # the history and the denoised gradient are already negated
+            )
+            if group["momentum"] != 0:
+                for p, buffer in zip(params, momentum_buffers):
+                    self.state[p]["momentum_buffer"] = buffer
+        return loss
