@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from ._compat import _get_foreach_kernels_supported_devices
-from .denoise import denoise
+from .denoise import claim_histories, record_and_filter
 from .history import restore_history, split_checkpoint
 from .options import WAVE_DEFAULTS, check_wave_options
 
@@ -74,15 +74,17 @@ class WaveGuardMixin(torch.optim.Optimizer):
         return bool(foreach), bool(fused)
 
     def _denoise(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], foreach: bool) -> list[Tensor]:
-        return denoise(
+        histories, full = claim_histories(
+            params, [self.state[p] for p in params], buffer_size=group["buffer_size"], buffer_dtype=group["buffer_dtype"]
+        )
+        return record_and_filter(
             params,
             grads,
-            [self.state[p] for p in params],
-            buffer_size=group["buffer_size"],
+            histories,
+            full,
             decay=group["decay"],
             threshold_scale=group["threshold_scale"],
             snr_gate=group["snr_gate"],
-            buffer_dtype=group["buffer_dtype"],
             maximize=group["maximize"],
             grad_scale=getattr(self, "grad_scale", None),
             foreach=foreach,

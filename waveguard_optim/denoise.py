@@ -1,6 +1,7 @@
 """Record each gradient into its history and return the denoised gradients (SPEC section 4).
 
-``denoise`` is the functional entry point shared by WaveAdam and WaveSGD; it dispatches to
+``record_and_filter`` is the functional entry point shared by WaveAdam and WaveSGD (after
+``claim_histories`` has advanced the rings); it dispatches to
 a single-tensor path (the filter per parameter: the least temporary memory) or a
 multi-tensor path (the filter over all tensors of a device and dtype at once: the fewest
 kernel launches). Both run :func:`waveguard_optim.filter.fold_filter`.
@@ -53,43 +54,53 @@ def _multi_tensor_filter(params: list[Tensor], slots: list[list[Tensor]], option
     return out
 
 
-def denoise(
+def claim_histories(
+    params: list[Tensor], states: list[dict[str, Any]], *, buffer_size: int, buffer_dtype: torch.dtype | None
+) -> tuple[list[list[Tensor]], list[bool]]:
+    """Advance each parameter's ring by one gradient (creating it on the first).
+
+    Returns, per parameter, its slots oldest first (the last one is where the current
+    gradient must be written) and whether the history is full, i.e. the filter applies.
+    """
+    full = [claim_slot(s, p, buffer_size, buffer_dtype)[1] for s, p in zip(states, params)]
+    return [time_ordered(s, buffer_size) for s in states], full
+
+
+def record_and_filter(
     params: list[Tensor],
     grads: list[Tensor],
-    states: list[dict[str, Any]],
+    histories: list[list[Tensor]],
+    full: list[bool],
     *,
-    buffer_size: int,
     decay: float,
     threshold_scale: float,
     snr_gate: bool,
-    buffer_dtype: torch.dtype | None,
     maximize: bool,
     grad_scale: Tensor | None,
     foreach: bool,
 ) -> list[Tensor]:
-    """Record ``grads`` (negated under ``maximize``, divided by ``grad_scale`` if given) and
-    return the gradient each parameter's update should use: the raw one during warm-up,
-    the filtered one once its history is full. ``grads`` are never modified.
+    """Write each gradient (negated under ``maximize``, divided by ``grad_scale`` if given)
+    into ``histories[i][-1]`` and return the gradient each update should use: the raw one
+    during warm-up, the filtered one where ``full[i]``. ``grads`` are never modified.
+
+    This is also the pure-torch twin of the fused kernels, which take the same arguments.
     """
     if grad_scale is not None:
         grads = [g / grad_scale.to(g.device) for g in grads]
     if maximize:
         grads = torch._foreach_neg(grads) if foreach else [-g for g in grads]
-
-    claimed = [claim_slot(s, p, buffer_size, buffer_dtype) for s, p in zip(states, params)]
-    slots = [slot for slot, _ in claimed]
+    newest = [h[-1] for h in histories]
     if foreach:
-        torch._foreach_copy_(slots, grads)
+        torch._foreach_copy_(newest, grads)
     else:
-        for slot, g in zip(slots, grads):
+        for slot, g in zip(newest, grads):
             slot.copy_(g)
 
-    ready = [i for i, (_, full) in enumerate(claimed) if full]
+    ready = [i for i, f in enumerate(full) if f]
     out = list(grads)
     if ready:
         path = _multi_tensor_filter if foreach else _single_tensor_filter
         options = dict(decay=decay, threshold_scale=threshold_scale, snr_gate=snr_gate)
-        filtered = path([params[i] for i in ready], [time_ordered(states[i], buffer_size) for i in ready], options)
-        for i, g_hat in zip(ready, filtered):
+        for i, g_hat in zip(ready, path([params[i] for i in ready], [histories[i] for i in ready], options)):
             out[i] = g_hat
     return out
