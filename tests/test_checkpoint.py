@@ -1,0 +1,172 @@
+"""Checkpoints (SPEC section 6): exact round trips, torch interop both ways, malformed ones refused untouched."""
+
+import copy
+import io
+
+import pytest
+import torch
+from conftest import make_params, train
+
+from waveguard_optim import WaveAdam, WaveSGD
+
+
+def save_load(obj):
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+OPTIMIZERS = {
+    "adam-single": lambda ps: WaveAdam(ps, lr=0.01, amsgrad=True, buffer_size=4, foreach=False),
+    "adam-foreach": lambda ps: WaveAdam(ps, lr=0.01, buffer_size=8, foreach=True, buffer_dtype=torch.bfloat16),
+    "adam-fused": lambda ps: WaveAdam(ps, lr=0.01, buffer_size=4, fused=True),
+    "sgd-foreach": lambda ps: WaveSGD(ps, lr=0.05, momentum=0.9, buffer_size=4, foreach=True),
+    "sgd-single": lambda ps: WaveSGD(ps, lr=0.05, momentum=0.9, nesterov=True, buffer_size=2, foreach=False),
+}
+
+
+def contiguous_params(dtype=torch.float32):
+    return [torch.nn.Parameter(p.detach().contiguous()) for p in make_params(dtype)]
+
+
+@pytest.mark.parametrize("make", OPTIMIZERS.values(), ids=OPTIMIZERS.keys())
+def test_resume_is_bit_identical_to_never_stopping(make):
+    params = contiguous_params()
+    straight = train(params, make(params), 25)
+
+    first = contiguous_params()
+    opt = make(first)
+    train(first, opt, 11)
+    saved_params, saved_opt = save_load([p.detach() for p in first]), save_load(opt.state_dict())
+
+    resumed = [torch.nn.Parameter(p.clone()) for p in saved_params]
+    opt2 = make(resumed)
+    opt2.load_state_dict(saved_opt)
+    # train() restarts its gradient stream at step 0: feed steps 11..24 by hand instead
+    from conftest import gradient
+
+    for step in range(11, 25):
+        for i, p in enumerate(resumed):
+            p.grad = gradient(p, step, seed=i)
+        opt2.step()
+    for a, b in zip(resumed, straight):
+        torch.testing.assert_close(a.detach(), b, rtol=0, atol=0)
+
+
+def test_history_dtype_and_large_count_survive_loading_into_bf16_params():
+    params = make_params(torch.bfloat16)
+    opt = WaveAdam(params, lr=0.01, buffer_size=4, buffer_dtype=torch.float32)
+    train(params, opt, 300)
+    saved = save_load(opt.state_dict())
+    fresh = WaveAdam(make_params(torch.bfloat16), lr=0.01, buffer_size=4, buffer_dtype=torch.float32)
+    fresh.load_state_dict(saved)
+    for p_old, p_new in zip(opt.param_groups[0]["params"], fresh.param_groups[0]["params"]):
+        old, new = opt.state[p_old], fresh.state[p_new]
+        assert new["wave_count"] == 300 and isinstance(new["wave_count"], int)
+        for i in range(4):
+            assert new[f"wave_history_{i}"].dtype == torch.float32
+            torch.testing.assert_close(new[f"wave_history_{i}"], old[f"wave_history_{i}"], rtol=0, atol=0)
+        assert new["exp_avg"].dtype == torch.bfloat16  # torch's own keys follow torch's rules
+
+
+@pytest.mark.parametrize(
+    "torch_cls,wave_cls,kwargs",
+    [(torch.optim.Adam, WaveAdam, dict(lr=0.01, amsgrad=True)), (torch.optim.SGD, WaveSGD, dict(lr=0.05, momentum=0.9))],
+)
+def test_torch_checkpoint_loads_into_wave_optimizer(torch_cls, wave_cls, kwargs):
+    params = make_params()
+    torch_opt = torch_cls(params, **kwargs)
+    train(params, torch_opt, 5)
+    saved = save_load(torch_opt.state_dict())
+
+    wave = wave_cls(make_params(), buffer_size=4, decay=0.7, **kwargs)
+    wave.load_state_dict(saved)
+    group = wave.param_groups[0]
+    assert (group["buffer_size"], group["decay"], group["threshold_scale"], group["snr_gate"]) == (4, 0.7, 1.0, True)
+    for p_old, p_new in zip(params, group["params"]):
+        for key, value in torch_opt.state[p_old].items():
+            torch.testing.assert_close(wave.state[p_new][key], value, rtol=0, atol=0)
+        assert "wave_count" not in wave.state[p_new]
+    train(group["params"], wave, 6)  # trains on: warm-up first, then the filter
+    assert all(wave.state[p]["wave_count"] == 6 for p in group["params"])
+
+
+@pytest.mark.parametrize(
+    "torch_cls,wave_cls,kwargs",
+    [(torch.optim.Adam, WaveAdam, dict(lr=0.01)), (torch.optim.SGD, WaveSGD, dict(lr=0.05, momentum=0.9))],
+)
+def test_wave_checkpoint_loads_into_torch_optimizer(torch_cls, wave_cls, kwargs):
+    params = make_params()
+    wave = wave_cls(params, buffer_size=4, **kwargs)
+    train(params, wave, 9)
+    saved = save_load(wave.state_dict())
+
+    back = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    torch_opt = torch_cls(back, **kwargs)
+    torch_opt.load_state_dict(saved)
+    key = "exp_avg" if torch_cls is torch.optim.Adam else "momentum_buffer"
+    for p_wave, p_torch in zip(params, back):
+        torch.testing.assert_close(torch_opt.state[p_torch][key], wave.state[p_wave][key], rtol=0, atol=0)
+    # torch trains on from the loaded moments exactly as a torch optimizer holding them would
+    twin_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    twin = torch_cls(twin_params, **kwargs)
+    plain = save_load(wave.state_dict())  # a separate copy: torch's load keeps references to the given tensors
+    twin.load_state_dict({**plain, "state": {i: {k: v for k, v in s.items() if not k.startswith("wave_")} for i, s in plain["state"].items()}})
+    train(back, torch_opt, 3)
+    train(twin_params, twin, 3)
+    for a, b in zip(back, twin_params):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def _corrupt(sd, how):
+    state = sd["state"][1]
+    if how == "missing-slot":
+        del state["wave_history_3"]
+    elif how == "extra-slot":
+        state["wave_history_4"] = state["wave_history_0"].clone()
+    elif how == "wrong-shape":
+        state["wave_history_2"] = torch.zeros(3)
+    elif how == "missing-count":
+        del state["wave_count"]
+    elif how == "negative-count":
+        state["wave_count"] = -1
+    elif how == "buffer-size-mismatch":
+        sd["param_groups"][0]["buffer_size"] = 8
+    elif how == "invalid-option":
+        sd["param_groups"][0]["decay"] = 1.5
+    return sd
+
+
+@pytest.mark.parametrize(
+    "how", ["missing-slot", "extra-slot", "wrong-shape", "missing-count", "negative-count", "buffer-size-mismatch", "invalid-option"]
+)
+def test_malformed_checkpoint_is_refused_before_any_change(how):
+    params = make_params()
+    opt = WaveAdam(params, lr=0.01, buffer_size=4)
+    train(params, opt, 6)
+    bad = _corrupt(save_load(opt.state_dict()), how)
+
+    target_params = make_params()
+    target = WaveAdam(target_params, lr=0.02, buffer_size=4)
+    train(target_params, target, 2)
+    before = copy.deepcopy(target.state_dict())
+    with pytest.raises(ValueError, match="parameter 1|group 0") as err:
+        target.load_state_dict(bad)
+    assert "decay" in str(err.value) if how == "invalid-option" else "WaveGuard history" in str(err.value)
+    after = target.state_dict()
+    assert after["param_groups"] == before["param_groups"]
+    for pid, st in before["state"].items():
+        assert after["state"][pid].keys() == st.keys()
+        for k, v in st.items():
+            assert torch.equal(torch.as_tensor(after["state"][pid][k]), torch.as_tensor(v))
+
+
+def test_load_does_not_mutate_the_given_state_dict():
+    params = make_params()
+    opt = WaveAdam(params, lr=0.01, buffer_size=4)
+    train(params, opt, 6)
+    sd = save_load(opt.state_dict())
+    keys = {pid: set(s) for pid, s in sd["state"].items()}
+    WaveAdam(make_params(), lr=0.01, buffer_size=4).load_state_dict(sd)
+    assert {pid: set(s) for pid, s in sd["state"].items()} == keys

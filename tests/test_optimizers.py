@@ -1,0 +1,281 @@
+"""WaveAdam and WaveSGD on every path against the reference, and against torch when the filter is off."""
+
+import copy
+import itertools
+
+import pytest
+import torch
+from conftest import gradient, make_params, train
+
+from waveguard_optim import WaveAdam, WaveSGD
+from waveguard_optim.reference import ReferenceWave
+
+PATHS = {"single": dict(foreach=False), "foreach": dict(foreach=True), "default": dict()}
+TOL = {
+    torch.float64: dict(rtol=1e-10, atol=1e-12),
+    torch.float32: dict(rtol=2e-5, atol=2e-6),
+    torch.bfloat16: dict(rtol=1.6e-2, atol=1e-5),
+}
+WAVE_SETTINGS = [
+    dict(buffer_size=2, decay=0.85, threshold_scale=1.0, snr_gate=True),
+    dict(buffer_size=4, decay=0.5, threshold_scale=2.0, snr_gate=False),
+    dict(buffer_size=8, decay=0.85, threshold_scale=1.0, snr_gate=True),
+    dict(buffer_size=16, decay=1.0, threshold_scale=1.0, snr_gate=True),
+    dict(buffer_size=8, decay=0.9, threshold_scale=0.0, snr_gate=True),
+]
+IDENTITY = dict(threshold_scale=0.0, decay=1e-30)
+
+
+def wave_id(w):
+    return "N{buffer_size}-d{decay}-k{threshold_scale}-g{snr_gate}".format(**w)
+
+
+def assert_same(got, expected, dtype):
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, **TOL[dtype])
+
+
+def run_pair(make, make_ref, steps, dtype=torch.float32, **train_kwargs):
+    params, ref_params = make_params(dtype), make_params(dtype)
+    return train(params, make(params), steps, **train_kwargs), train(ref_params, make_ref(ref_params), steps, **train_kwargs)
+
+
+@pytest.mark.parametrize("path", PATHS.values(), ids=PATHS.keys())
+@pytest.mark.parametrize("wave", WAVE_SETTINGS, ids=wave_id)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("kind", ["mixed", "noise", "trend"])
+def test_wave_adam_matches_reference(path, wave, dtype, kind):
+    got, expected = run_pair(
+        lambda ps: WaveAdam(ps, lr=0.01, weight_decay=0.01, **wave, **path),
+        lambda ps: ReferenceWave(ps, torch.optim.Adam, lr=0.01, weight_decay=0.01, **wave),
+        3 * wave["buffer_size"] + 3,
+        dtype,
+        kind=kind,
+    )
+    assert_same(got, expected, dtype)
+
+
+@pytest.mark.parametrize("path", PATHS.values(), ids=PATHS.keys())
+@pytest.mark.parametrize("wave", WAVE_SETTINGS, ids=wave_id)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_wave_sgd_matches_reference(path, wave, dtype):
+    got, expected = run_pair(
+        lambda ps: WaveSGD(ps, lr=0.05, momentum=0.9, nesterov=True, **wave, **path),
+        lambda ps: ReferenceWave(ps, torch.optim.SGD, lr=0.05, momentum=0.9, nesterov=True, **wave),
+        3 * wave["buffer_size"] + 3,
+        dtype,
+    )
+    assert_same(got, expected, dtype)
+
+
+@pytest.mark.parametrize("path", PATHS.values(), ids=PATHS.keys())
+@pytest.mark.parametrize("amsgrad,maximize,weight_decay,decoupled", itertools.product([False, True], repeat=4))
+def test_wave_adam_options_match_reference(path, amsgrad, maximize, weight_decay, decoupled):
+    opts = dict(lr=0.02, amsgrad=amsgrad, weight_decay=0.1 * weight_decay, decoupled_weight_decay=decoupled)
+    got, expected = run_pair(
+        lambda ps: WaveAdam(ps, maximize=maximize, buffer_size=4, **opts, **path),
+        lambda ps: ReferenceWave(ps, torch.optim.Adam, maximize=maximize, buffer_size=4, **opts),
+        15,
+    )
+    assert_same(got, expected, torch.float32)
+
+
+@pytest.mark.parametrize("path", PATHS.values(), ids=PATHS.keys())
+@pytest.mark.parametrize("buffer_dtype", [torch.bfloat16, torch.float64])
+def test_buffer_dtype_matches_reference(path, buffer_dtype):
+    got, expected = run_pair(
+        lambda ps: WaveAdam(ps, lr=0.01, buffer_dtype=buffer_dtype, **path),
+        lambda ps: ReferenceWave(ps, torch.optim.Adam, lr=0.01, buffer_dtype=buffer_dtype),
+        20,
+    )
+    assert_same(got, expected, torch.float32)
+
+
+@pytest.mark.parametrize("path", PATHS.values(), ids=PATHS.keys())
+def test_low_precision_params_match_reference(path):
+    got, expected = run_pair(
+        lambda ps: WaveAdam(ps, lr=0.01, **path), lambda ps: ReferenceWave(ps, torch.optim.Adam, lr=0.01), 20, torch.bfloat16
+    )
+    assert_same(got, expected, torch.bfloat16)
+
+
+@pytest.mark.parametrize("path", PATHS.values(), ids=PATHS.keys())
+def test_complex_params_are_filtered_as_real_views(path):
+    def complex_params():
+        return [torch.nn.Parameter(torch.view_as_complex(p.detach().reshape(-1, 1).repeat(1, 2).contiguous())) for p in make_params()]
+
+    params, ref_params = complex_params(), complex_params()
+    got = train(params, WaveAdam(params, lr=0.01, buffer_size=4, **path), 12)
+    expected = train(ref_params, ReferenceWave(ref_params, torch.optim.Adam, lr=0.01, buffer_size=4), 12)
+    assert_same([torch.view_as_real(g) for g in got], [torch.view_as_real(e) for e in expected], torch.float32)
+    opt = WaveAdam(params, buffer_size=4, buffer_dtype=torch.bfloat16, **path)
+    train(params, opt, 1)
+    assert opt.state[params[0]]["wave_history_0"].dtype == torch.complex64  # buffer_dtype is for real params
+
+
+# --- identity with torch: no threshold, all weight on the newest gradient --------------------------------------
+
+
+ADAM_OPTIONS = [
+    dict(amsgrad=a, maximize=m, weight_decay=w, decoupled_weight_decay=d)
+    for a, m, w, d in itertools.product([False, True], [False, True], [0.0, 0.1], [False, True])
+]
+SGD_OPTIONS = [
+    dict(momentum=mo, dampening=da, nesterov=ne, weight_decay=w, maximize=m)
+    for mo, da, ne, w, m in itertools.product([0.0, 0.9], [0.0, 0.3], [False, True], [0.0, 0.1], [False, True])
+    if not ne or (mo > 0 and da == 0)
+]
+TORCH_PATHS = {**PATHS, "fused": dict(fused=True)}
+
+
+@pytest.mark.parametrize("path", TORCH_PATHS.values(), ids=TORCH_PATHS.keys())
+@pytest.mark.parametrize("options", ADAM_OPTIONS, ids=str)
+def test_wave_adam_without_filter_is_torch_adam(path, options):
+    if path.get("fused"):  # torch 2.13's CPU fused Adam ignores strides: keep its parameters contiguous
+        make = lambda: [torch.nn.Parameter(p.detach().contiguous()) for p in make_params()]  # noqa: E731
+    else:
+        make = make_params
+    params, torch_params = make(), make()
+    got = train(params, WaveAdam(params, lr=0.01, buffer_size=4, **IDENTITY, **options, **path), 12)
+    expected = train(torch_params, torch.optim.Adam(torch_params, lr=0.01, **options, **path), 12)
+    assert_same(got, expected, torch.float32)
+
+
+@pytest.mark.parametrize("path", PATHS.values(), ids=PATHS.keys())
+@pytest.mark.parametrize("options", SGD_OPTIONS, ids=str)
+def test_wave_sgd_without_filter_is_torch_sgd(path, options):
+    params, torch_params = make_params(), make_params()
+    got = train(params, WaveSGD(params, lr=0.05, buffer_size=4, **IDENTITY, **options, **path), 12)
+    expected = train(torch_params, torch.optim.SGD(torch_params, lr=0.05, **options, **path), 12)
+    assert_same(got, expected, torch.float32)
+
+
+def test_tensor_lr_like_torch():
+    params, torch_params = make_params(), make_params()
+    got = train(params, WaveAdam(params, lr=torch.tensor(0.01), **IDENTITY), 10)
+    expected = train(torch_params, torch.optim.Adam(torch_params, lr=torch.tensor(0.01)), 10)
+    assert_same(got, expected, torch.float32)
+
+
+# --- history semantics ---------------------------------------------------------------------------------------
+
+
+def test_history_is_a_ring_of_raw_gradients():
+    (p,) = make_params()[:1]
+    opt = WaveAdam([p], buffer_size=4, maximize=True, weight_decay=0.5)
+    seen = []
+    for step in range(6):
+        p.grad = gradient(p, step)
+        seen.append(p.grad.clone())
+        opt.step()
+    state = opt.state[p]
+    assert state["wave_count"] == 6
+    for k in range(2, 6):  # the k-th gradient sits in slot k mod 4, negated (maximize), before weight decay
+        torch.testing.assert_close(state[f"wave_history_{k % 4}"], -seen[k], rtol=0, atol=0)
+
+
+def test_grad_is_never_modified_and_none_grads_are_skipped():
+    params = make_params()
+    opt = WaveAdam(params, lr=0.01, buffer_size=4, maximize=True, weight_decay=0.1)
+    for step in range(6):
+        for i, p in enumerate(params):
+            p.grad = None if i == 1 else gradient(p, step)
+        before = [None if p.grad is None else p.grad.clone() for p in params]
+        opt.step()
+        for p, g in zip(params, before):
+            if g is not None:
+                torch.testing.assert_close(p.grad, g, rtol=0, atol=0)
+    assert "wave_count" not in opt.state[params[1]]
+    assert opt.state[params[0]]["wave_count"] == 6
+
+
+def test_parameter_skipped_sometimes_matches_reference():
+    skip = lambda step, i: i == 2 and step % 3 == 0  # noqa: E731
+    got, expected = run_pair(
+        lambda ps: WaveAdam(ps, lr=0.01, buffer_size=4, foreach=True),
+        lambda ps: ReferenceWave(ps, torch.optim.Adam, lr=0.01, buffer_size=4),
+        20,
+        skip=skip,
+    )
+    assert_same(got, expected, torch.float32)
+
+
+def test_warm_up_uses_the_full_precision_gradient():
+    (p,) = make_params()[:1]
+    (q,) = make_params()[:1]
+    wave = WaveAdam([p], lr=0.01, buffer_size=8, buffer_dtype=torch.bfloat16)
+    adam = torch.optim.Adam([q], lr=0.01)
+    for step in range(7):  # fewer than N gradients: plain Adam, unaffected by the bf16 history
+        p.grad = q.grad = gradient(p, step, "noise")
+        wave.step()
+        adam.step()
+    torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+def test_sparse_gradients_are_refused():
+    for cls in (WaveAdam, WaveSGD):
+        p = torch.nn.Parameter(torch.zeros(4))
+        p.grad = torch.sparse_coo_tensor([[0]], [1.0], (4,))
+        with pytest.raises(RuntimeError, match="sparse"):
+            cls([p]).step()
+
+
+# --- the torch ecosystem ---------------------------------------------------------------------------------------
+
+
+def test_closure_scheduler_and_hooks():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    opt = WaveAdam(model.parameters(), lr=0.1, buffer_size=2)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    calls = []
+    opt.register_step_pre_hook(lambda *a: calls.append("pre"))
+    opt.register_step_post_hook(lambda *a: calls.append("post"))
+    x, y = torch.randn(8, 3), torch.randn(8, 1)
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+
+    for _ in range(3):
+        loss = opt.step(closure)
+        sched.step()
+    assert isinstance(loss, torch.Tensor)
+    assert calls == ["pre", "post"] * 3
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**3)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_grad_scaler_skipped_step_records_nothing(fused):
+    params = [torch.nn.Parameter(p.detach().contiguous()) for p in make_params()]
+    opt = WaveAdam(params, lr=0.01, buffer_size=2, fused=fused)
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+    for step in range(4):
+        targets = [gradient(p, step) for p in params]
+        if step == 2:
+            targets[0][0, 0] = float("inf")
+        opt.zero_grad()
+        scaler.scale(sum((p * t).sum() for p, t in zip(params, targets))).backward()
+        scaler.step(opt)
+        scaler.update()
+    # steps 0, 1, 3 were recorded; step 2 was skipped everywhere
+    for p in params:
+        assert opt.state[p]["wave_count"] == 3
+        assert opt.state[p]["step"].item() == 3
+    torch.testing.assert_close(opt.state[params[1]]["wave_history_0"], gradient(params[1], 3), rtol=0, atol=0)
+
+
+def test_deepcopy_and_param_groups_with_their_own_options():
+    a, b = make_params()[:2]
+    opt = WaveAdam([{"params": [a], "buffer_size": 4}, {"params": [b], "decay": 1.0}], lr=0.01, buffer_size=2)
+    assert [g["buffer_size"] for g in opt.param_groups] == [4, 2]
+    assert [g["decay"] for g in opt.param_groups] == [0.85, 1.0]
+    train([a, b], opt, 5)
+    clone = copy.deepcopy(opt)
+    assert clone.param_groups[0]["buffer_size"] == 4
+    assert clone.state[clone.param_groups[0]["params"][0]]["wave_count"] == 5
+    with pytest.raises(ValueError, match="buffer_size"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))], "buffer_size": 3})
+    assert len(opt.param_groups) == 2

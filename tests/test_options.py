@@ -1,0 +1,76 @@
+"""Invalid arguments raise ValueError naming the argument and the value, before any state exists."""
+
+import pytest
+import torch
+
+from waveguard_optim import WaveAdam, WaveSGD
+
+INVALID_WAVE = [
+    ("buffer_size", 1),
+    ("buffer_size", 6),
+    ("buffer_size", 128),
+    ("buffer_size", 8.0),
+    ("buffer_size", True),
+    ("decay", 0.0),
+    ("decay", 1.01),
+    ("decay", float("nan")),
+    ("decay", "0.9"),
+    ("threshold_scale", -0.1),
+    ("threshold_scale", float("inf")),
+    ("snr_gate", 1),
+    ("snr_gate", "yes"),
+    ("buffer_dtype", torch.int8),
+    ("buffer_dtype", torch.complex64),
+    ("buffer_dtype", "bfloat16"),
+]
+
+
+@pytest.mark.parametrize("cls", [WaveAdam, WaveSGD])
+@pytest.mark.parametrize("name,value", INVALID_WAVE, ids=lambda x: repr(x))
+def test_invalid_wave_option(cls, name, value):
+    with pytest.raises(ValueError, match=f"Invalid {name}: {value!r}".replace("(", r"\(").replace(")", r"\)")):
+        cls([torch.nn.Parameter(torch.zeros(2))], **{name: value})
+
+
+@pytest.mark.parametrize("name,value", INVALID_WAVE[:3], ids=lambda x: repr(x))
+def test_invalid_wave_option_in_a_param_group(name, value):
+    with pytest.raises(ValueError, match=f"Invalid {name}"):
+        WaveAdam([{"params": [torch.nn.Parameter(torch.zeros(2))], name: value}])
+
+
+@pytest.mark.parametrize(
+    "kwargs,name",
+    [
+        (dict(lr=-1.0), "learning rate"),
+        (dict(eps=-1.0), "epsilon"),
+        (dict(betas=(1.0, 0.999)), "beta parameter at index 0"),
+        (dict(betas=(0.9, -0.1)), "beta parameter at index 1"),
+        (dict(weight_decay=-0.1), "weight_decay"),
+        (dict(differentiable=True), "differentiable"),
+    ],
+)
+def test_invalid_adam_option_like_torch(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        WaveAdam([torch.nn.Parameter(torch.zeros(2))], **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs,name",
+    [
+        (dict(lr=-1.0), "learning rate"),
+        (dict(momentum=-0.5), "momentum"),
+        (dict(weight_decay=-0.1), "weight_decay"),
+        (dict(nesterov=True), "Nesterov"),
+        (dict(nesterov=True, momentum=0.9, dampening=0.1), "Nesterov"),
+    ],
+)
+def test_invalid_sgd_option_like_torch(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        WaveSGD([torch.nn.Parameter(torch.zeros(2))], **kwargs)
+
+
+def test_defaults_carry_every_option():
+    opt = WaveAdam([torch.nn.Parameter(torch.zeros(2))])
+    torch_opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(2))])
+    assert set(opt.defaults) == set(torch_opt.defaults) | {"buffer_size", "decay", "threshold_scale", "snr_gate", "buffer_dtype"}
+    assert set(opt.param_groups[0]) == set(opt.defaults) | {"params"}
