@@ -62,13 +62,15 @@ def median(x: Tensor) -> Tensor:
 
 
 def reference_filter(
-    buffer: Tensor, *, decay: float, threshold_scale: float, snr_gate: bool
+    buffer: Tensor, *, decay: float, threshold_scale: float, snr_gate: bool, dtype: torch.dtype | None = None
 ) -> Tensor:
     """Denoised gradient from ``buffer`` of shape ``(N, *shape)``, oldest first (SPEC section 3).
 
-    Arithmetic is float64 for a float64 buffer and float32 otherwise.
+    ``dtype`` is the arithmetic's: float64 for float64 parameters, float32 for all others,
+    whatever the buffer's storage dtype; None takes it from the buffer.
     """
-    dtype = torch.float64 if buffer.dtype == torch.float64 else torch.float32
+    if dtype is None:
+        dtype = torch.float64 if buffer.dtype == torch.float64 else torch.float32
     b = buffer.to(dtype)
     n = b.shape[0]
     bcast = (n,) + (1,) * (b.dim() - 1)
@@ -134,10 +136,12 @@ class ReferenceWave:
         if len(history) < self.buffer_size:
             return grad.clone()
         buffer = torch.stack(history)
+        real_dtype = torch.view_as_real(grad).dtype if p.is_complex() else p.dtype
+        arithmetic = torch.float64 if real_dtype == torch.float64 else torch.float32
         if p.is_complex():
-            out = reference_filter(torch.view_as_real(buffer), **self.filter_options)
-            return torch.view_as_complex(out.to(torch.view_as_real(grad).dtype).contiguous())
-        return reference_filter(buffer, **self.filter_options).to(p.dtype)
+            out = reference_filter(torch.view_as_real(buffer), **self.filter_options, dtype=arithmetic)
+            return torch.view_as_complex(out.to(real_dtype).contiguous())
+        return reference_filter(buffer, **self.filter_options, dtype=arithmetic).to(p.dtype)
 
     @torch.no_grad()
     def step(self) -> None:
