@@ -1,0 +1,756 @@
+"""The fused WaveAdam / WaveSGD step as Triton kernels (SPEC sections 3-5).
+
+One launch does, per element: record the gradient into the newest history slot, the
+folded WaveGuard filter over the N slots (or the raw gradient during warm-up), and
+torch's Adam or SGD update on the result. Its pure-torch twin is
+:func:`waveguard_optim.denoise.record_and_filter` followed by torch's functional
+``adam`` / ``sgd``; ``tests/test_fused_triton.py`` compares the two.
+
+Launch structure. A step touches, per parameter, 4 to 6 state tensors plus N history
+slots, and real models have hundreds of small parameters, so there is one launch per
+*group* of parameters sharing dtypes, buffer size and warm-up status (normally one per
+param group), never one per tensor:
+
+* a ``table`` (int64, one row per tensor) holds ``numel`` and the raw addresses of the
+  parameter, gradient, states and slots; the kernel turns them into typed pointers
+  (``int64 -> tl.pointer_type``), as Triton's grouped-GEMM tutorial does. This works
+  under ``TRITON_INTERPRET=1`` (which dereferences host addresses) and on CUDA, and it
+  needs no packing or copying of the slots, which must stay separate parameter-shaped
+  tensors (SPEC section 4).
+* a ``blocks`` table (int32 pairs ``(row, chunk)``, one per program, cached per set of
+  sizes) maps the 1-D grid onto the tensors, like torch's ``multi_tensor_apply``.
+* ``hyper`` (float64): lr, betas, eps, weight decay ... read on the device, so tensor
+  hyperparameters need no host sync (no ``.item()``), and the bias corrections are
+  computed per program in float64 from the device-side ``step``, as torch computes them
+  in Python floats, then rounded once to the compute dtype.
+
+Small host tensors (tables, hyper) reach the GPU through pinned memory, asynchronously;
+the per-call table copy makes the step not CUDA-graph capturable.
+
+The filter constants come from :mod:`waveguard_optim.filter` (``filter_weights``,
+``threshold_scale_factor``, ``median_network``) and are baked in at trace time as
+``tl.constexpr`` tuples; the Haar levels and the median network are unrolled over
+Triton tuples of per-element values.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from waveguard_optim.filter import filter_weights, median_network, threshold_scale_factor
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the package works without triton; these kernels do not
+    triton = None
+    tl = None
+
+__all__ = ["fused_wave_adam_", "fused_wave_sgd_", "triton_available"]
+
+_SQRT_HALF = math.sqrt(0.5)  # the orthonormal Haar normalisation (SPEC section 3, step 2)
+
+# Columns of the pointer table. Adam: numel, param, grad, exp_avg, exp_avg_sq,
+# max_exp_avg_sq, step, then the N slots oldest first (the newest is the last column).
+# SGD: numel, param, grad, momentum_buffer, then the slots.
+_ADAM_FIXED = 7
+_SGD_FIXED = 4
+
+
+if triton is not None:
+    # Globals a kernel reads must be constexpr.
+    _SQRT_HALF_C = tl.constexpr(_SQRT_HALF)
+    _ADAM_FIXED_C = tl.constexpr(_ADAM_FIXED)
+    _SGD_FIXED_C = tl.constexpr(_SGD_FIXED)
+
+    # Device code. Few nested @triton.jit calls on purpose: the interpreter pays about a
+    # millisecond per nested call, the compiler inlines them anyway. Trace-time constants
+    # become scalars with tl.full(..., ACC), which is exact for float64 too.
+
+    @triton.jit
+    def _wave_filter(
+        b,
+        ACC: tl.constexpr,
+        W: tl.constexpr,
+        U: tl.constexpr,
+        STEPS: tl.constexpr,
+        MIDDLE: tl.constexpr,
+        TSCALE: tl.constexpr,
+        SNR_GATE: tl.constexpr,
+    ):
+        """g_hat = sum_j w_j b_j - sum_{i>=1} u_i clamp(c_i, -tau, tau), the folded filter of
+        SPEC section 3, over a tuple ``b`` of N values per element (oldest first), with the
+        operations in the order of waveguard_optim.filter.fold_filter."""
+        out = b[0] * tl.full((), W[0], ACC)
+        for j in tl.static_range(1, len(b)):
+            out = out + b[j] * tl.full((), W[j], ACC)
+        if TSCALE != 0.0:  # tau = 0 clamps every detail to 0: the weighted average is exact
+            s = tl.full((), _SQRT_HALF_C, ACC)
+            approx = b
+            # Level by level, finest first: details of width k sit at u[k : 2k] (SPEC layout).
+            for level in tl.static_range(len(U).bit_length() - 1):
+                details = ()
+                coarser = ()
+                for i in tl.static_range(len(approx) // 2):
+                    details = details + ((approx[2 * i] - approx[2 * i + 1]) * s,)
+                    coarser = coarser + ((approx[2 * i] + approx[2 * i + 1]) * s,)
+                if level == 0:
+                    # tau = kappa * gamma * T from the finest details: median |c| through the
+                    # pruned compare-exchange network, then the SNR gate.
+                    wires = ()
+                    for i in tl.static_range(len(details)):
+                        wires = wires + (tl.abs(details[i]),)
+                    for k in tl.static_range(len(STEPS)):
+                        lo_wire = wires[STEPS[k][0]]
+                        hi_wire = wires[STEPS[k][1]]
+                        rewired = ()
+                        for i in tl.static_range(len(wires)):
+                            if i == STEPS[k][0] and STEPS[k][2]:
+                                rewired = rewired + (tl.minimum(lo_wire, hi_wire, propagate_nan=tl.PropagateNan.ALL),)
+                            elif i == STEPS[k][1] and STEPS[k][3]:
+                                rewired = rewired + (tl.maximum(lo_wire, hi_wire, propagate_nan=tl.PropagateNan.ALL),)
+                            else:
+                                rewired = rewired + (wires[i],)
+                        wires = rewired
+                    if len(MIDDLE) == 1:
+                        tau = wires[MIDDLE[0]]
+                    else:
+                        tau = (wires[MIDDLE[0]] + wires[MIDDLE[1]]) * 0.5
+                    tau = tau * tl.full((), TSCALE, ACC)
+                    if SNR_GATE:
+                        # gamma = E_f / (E_c + E_f), and 0 when both are 0 (no epsilon: safe
+                        # under flush-to-zero). The coarse energy is that of the first
+                        # approximations (Parseval).
+                        e_fine = details[0] * details[0]
+                        e_coarse = coarser[0] * coarser[0]
+                        for i in tl.static_range(1, len(details)):
+                            e_fine = e_fine + details[i] * details[i]
+                            e_coarse = e_coarse + coarser[i] * coarser[i]
+                        total = e_coarse + e_fine
+                        positive = total > 0
+                        safe_total = tl.where(positive, total, 1.0)
+                        if ACC == tl.float32:
+                            gamma = tl.div_rn(e_fine, safe_total)
+                        else:
+                            gamma = e_fine / safe_total
+                        tau = tau * tl.where(positive, gamma, 0.0)
+                    neg_tau = -tau
+                for i in tl.static_range(len(details)):
+                    d = tl.maximum(details[i], neg_tau, propagate_nan=tl.PropagateNan.ALL)
+                    d = tl.minimum(d, tau, propagate_nan=tl.PropagateNan.ALL)
+                    out = out - d * tl.full((), U[len(details) + i], ACC)
+                approx = coarser
+        return out
+
+    @triton.jit
+    def _denoised_gradient(
+        row,
+        offs,
+        mask,
+        scale_ptr,
+        C: tl.constexpr,
+        FIXED: tl.constexpr,
+        G_DT: tl.constexpr,
+        S_DT: tl.constexpr,
+        ACC: tl.constexpr,
+        HAS_SCALE: tl.constexpr,
+        MAXIMIZE: tl.constexpr,
+        FULL: tl.constexpr,
+        W: tl.constexpr,
+        U: tl.constexpr,
+        STEPS: tl.constexpr,
+        MIDDLE: tl.constexpr,
+        TSCALE: tl.constexpr,
+        SNR_GATE: tl.constexpr,
+    ):
+        """Record g = grad (/ grad_scale) (negated under maximize) into the newest slot (column
+        C - 1); return the filtered gradient from the slots as stored, or g during warm-up."""
+        g = tl.load(tl.load(row + 2).to(tl.pointer_type(G_DT)) + offs, mask=mask, other=0.0).to(ACC)
+        if HAS_SCALE:
+            scale = tl.load(scale_ptr).to(ACC)
+            if ACC == tl.float32:
+                g = tl.div_rn(g, scale)
+            else:
+                g = g / scale
+        if MAXIMIZE:
+            g = -g
+        if S_DT == ACC:
+            newest = g
+        else:  # float64 -> 16 bits through float32, as torch converts
+            newest = g.to(tl.float32).to(S_DT)
+        tl.store(tl.load(row + C - 1).to(tl.pointer_type(S_DT)) + offs, newest, mask=mask)
+        if FULL:
+            b = ()
+            for j in tl.static_range(FIXED, C - 1):
+                slot = tl.load(row + j).to(tl.pointer_type(S_DT))
+                b = b + (tl.load(slot + offs, mask=mask, other=0.0).to(ACC),)
+            b = b + (newest.to(ACC),)  # the current gradient as stored
+            g = _wave_filter(b, ACC, W, U, STEPS, MIDDLE, TSCALE, SNR_GATE)
+        return g
+
+    @triton.jit
+    def _wave_adam_kernel(
+        table,
+        blocks,
+        hyper,
+        scale_ptr,
+        C: tl.constexpr,
+        P_DT: tl.constexpr,
+        G_DT: tl.constexpr,
+        M_DT: tl.constexpr,
+        V_DT: tl.constexpr,
+        VMAX_DT: tl.constexpr,
+        STEP_DT: tl.constexpr,
+        S_DT: tl.constexpr,
+        ACC: tl.constexpr,
+        BLOCK: tl.constexpr,
+        FULL: tl.constexpr,
+        W: tl.constexpr,
+        U: tl.constexpr,
+        STEPS: tl.constexpr,
+        MIDDLE: tl.constexpr,
+        TSCALE: tl.constexpr,
+        SNR_GATE: tl.constexpr,
+        HAS_SCALE: tl.constexpr,
+        MAXIMIZE: tl.constexpr,
+        HAS_WD: tl.constexpr,
+        DECOUPLED: tl.constexpr,
+        AMSGRAD: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        row = table + tl.load(blocks + 2 * pid).to(tl.int64) * C
+        chunk = tl.load(blocks + 2 * pid + 1).to(tl.int64)
+        offs = chunk * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+        mask = offs < tl.load(row)
+        p_ptr = tl.load(row + 1).to(tl.pointer_type(P_DT)) + offs
+        m_ptr = tl.load(row + 3).to(tl.pointer_type(M_DT)) + offs
+        v_ptr = tl.load(row + 4).to(tl.pointer_type(V_DT)) + offs
+
+        # hyper = [lr, beta1, beta2, eps, weight_decay] in float64. The bias corrections are
+        # float64 from the device-side step, as torch computes them in Python, then rounded once.
+        lr = tl.load(hyper)
+        beta1 = tl.load(hyper + 1)
+        beta2 = tl.load(hyper + 2)
+        step = tl.load(tl.load(row + 6).to(tl.pointer_type(STEP_DT))).to(tl.float64)
+        bias_correction1 = 1.0 - tl.exp2(step * tl.log2(beta1))
+        bias_correction2 = 1.0 - tl.exp2(step * tl.log2(beta2))
+        neg_step_size = (-(lr / bias_correction1)).to(ACC)
+        bias_correction2_sqrt = tl.sqrt(bias_correction2).to(ACC)
+        eps = tl.load(hyper + 3).to(ACC)
+
+        g = _denoised_gradient(
+            row, offs, mask, scale_ptr, C, _ADAM_FIXED_C, G_DT, S_DT, ACC,
+            HAS_SCALE, MAXIMIZE, FULL, W, U, STEPS, MIDDLE, TSCALE, SNR_GATE,
+        )  # fmt: skip
+        p = tl.load(p_ptr, mask=mask, other=0.0).to(ACC)
+        if HAS_WD:
+            weight_decay = tl.load(hyper + 4)
+            if DECOUPLED:  # param.mul_(1 - lr * weight_decay)
+                p = p * (1.0 - lr * weight_decay).to(ACC)
+            else:  # grad.add(param, alpha=weight_decay)
+                g = g + weight_decay.to(ACC) * p
+
+        # exp_avg.lerp_(g, 1 - beta1), with torch's two-sided lerp formula
+        weight = (1.0 - beta1).to(ACC)
+        m = tl.load(m_ptr, mask=mask, other=0.0).to(ACC)
+        m = tl.where(weight < 0.5, m + weight * (g - m), g - (g - m) * (1.0 - weight))
+        # exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        v = tl.load(v_ptr, mask=mask, other=0.0).to(ACC)
+        v = v * beta2.to(ACC) + (1.0 - beta2).to(ACC) * g * g
+        tl.store(m_ptr, m.to(M_DT), mask=mask)
+        tl.store(v_ptr, v.to(V_DT), mask=mask)
+        if AMSGRAD:
+            vmax_ptr = tl.load(row + 5).to(tl.pointer_type(VMAX_DT)) + offs
+            v = tl.maximum(tl.load(vmax_ptr, mask=mask, other=0.0).to(ACC), v, propagate_nan=tl.PropagateNan.ALL)
+            tl.store(vmax_ptr, v.to(VMAX_DT), mask=mask)
+        # param.addcdiv_(exp_avg, sqrt(v) / bias_correction2_sqrt + eps, value=-lr / bias_correction1)
+        if ACC == tl.float32:  # IEEE division and sqrt (the plain fp32 ones are approximate on CUDA)
+            denom = tl.div_rn(tl.sqrt_rn(v), bias_correction2_sqrt) + eps
+            p = p + tl.div_rn(neg_step_size * m, denom)
+        else:
+            denom = tl.sqrt(v) / bias_correction2_sqrt + eps
+            p = p + neg_step_size * m / denom
+        tl.store(p_ptr, p.to(P_DT), mask=mask)
+
+    @triton.jit
+    def _wave_sgd_kernel(
+        table,
+        blocks,
+        hyper,
+        scale_ptr,
+        C: tl.constexpr,
+        P_DT: tl.constexpr,
+        G_DT: tl.constexpr,
+        BUF_DT: tl.constexpr,
+        S_DT: tl.constexpr,
+        ACC: tl.constexpr,
+        BLOCK: tl.constexpr,
+        FULL: tl.constexpr,
+        W: tl.constexpr,
+        U: tl.constexpr,
+        STEPS: tl.constexpr,
+        MIDDLE: tl.constexpr,
+        TSCALE: tl.constexpr,
+        SNR_GATE: tl.constexpr,
+        HAS_SCALE: tl.constexpr,
+        MAXIMIZE: tl.constexpr,
+        HAS_WD: tl.constexpr,
+        MOMENTUM: tl.constexpr,
+        FIRST: tl.constexpr,
+        NESTEROV: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        row = table + tl.load(blocks + 2 * pid).to(tl.int64) * C
+        chunk = tl.load(blocks + 2 * pid + 1).to(tl.int64)
+        offs = chunk * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+        mask = offs < tl.load(row)
+        p_ptr = tl.load(row + 1).to(tl.pointer_type(P_DT)) + offs
+
+        # hyper = [lr, momentum, dampening, weight_decay] in float64
+        d_p = _denoised_gradient(
+            row, offs, mask, scale_ptr, C, _SGD_FIXED_C, G_DT, S_DT, ACC,
+            HAS_SCALE, MAXIMIZE, FULL, W, U, STEPS, MIDDLE, TSCALE, SNR_GATE,
+        )  # fmt: skip
+        p = tl.load(p_ptr, mask=mask, other=0.0).to(ACC)
+        if HAS_WD:  # grad.add(param, alpha=weight_decay)
+            d_p = d_p + tl.load(hyper + 3).to(ACC) * p
+        if MOMENTUM:
+            momentum = tl.load(hyper + 1).to(ACC)
+            buf_ptr = tl.load(row + 3).to(tl.pointer_type(BUF_DT)) + offs
+            if FIRST:  # buf = d_p.clone()
+                buf = d_p
+            else:  # buf.mul_(momentum).add_(d_p, alpha=1 - dampening)
+                buf = tl.load(buf_ptr, mask=mask, other=0.0).to(ACC)
+                buf = buf * momentum + (1.0 - tl.load(hyper + 2)).to(ACC) * d_p
+            tl.store(buf_ptr, buf.to(BUF_DT), mask=mask)
+            if NESTEROV:
+                d_p = d_p + momentum * buf
+            else:
+                d_p = buf
+        p = p + (-tl.load(hyper)).to(ACC) * d_p  # param.add_(d_p, alpha=-lr)
+        tl.store(p_ptr, p.to(P_DT), mask=mask)
+
+    _TL_DTYPES = {
+        torch.float32: tl.float32,
+        torch.float16: tl.float16,
+        torch.bfloat16: tl.bfloat16,
+        torch.float64: tl.float64,
+    }
+
+    def _interpreted() -> bool:
+        """Whether the kernels were built for the interpreter (decided when triton.jit ran)."""
+        from triton.runtime.interpreter import InterpretedFunction
+
+        return isinstance(_wave_adam_kernel, InterpretedFunction)
+
+
+def triton_available(device: torch.device | str) -> bool:
+    """True when the fused Triton step can run on ``device``: triton imports and the device
+    is CUDA (compiled kernels) or, under ``TRITON_INTERPRET=1``, the CPU (interpreter).
+
+    The interpreter dereferences raw host addresses from the pointer table, so under
+    ``TRITON_INTERPRET=1`` only CPU tensors are supported, and compiled kernels only CUDA ones.
+    """
+    if triton is None:
+        return False
+    device = torch.device(device)
+    if os.environ.get("TRITON_INTERPRET") == "1" and _interpreted():
+        return device.type == "cpu"
+    return device.type == "cuda" and torch.cuda.is_available()
+
+
+def _launch_config(buffer_size: int, fp64: bool) -> tuple[int, int]:
+    """``(BLOCK, num_warps)``. About 2N values are live per element, so bigger buffers (and
+    float64) get fewer elements per thread: ptxas (sm_90) then reports at most ~130
+    registers and no spills for N = 2 ... 64 in float32. The interpreter pays per program
+    and per operation, not per element, so it gets big blocks."""
+    if _interpreted():
+        return 1024, 4
+    per_thread = max(1, min(4, 32 // buffer_size) // (2 if fp64 else 1))
+    return 128 * per_thread, 4
+
+
+# --- host side -----------------------------------------------------------------------------
+
+
+def _compute_dtype(p: Tensor) -> torch.dtype:
+    return torch.float64 if p.dtype == torch.float64 else torch.float32
+
+
+def _dense(t: Tensor) -> bool:
+    """Non-overlapping and dense: the elements fill ``[data_ptr, data_ptr + numel)``."""
+    expected = 1
+    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _same_layout(t: Tensor, ref: Tensor) -> bool:
+    return t.shape == ref.shape and all(
+        st == sr for st, sr, sz in zip(t.stride(), ref.stride(), ref.shape) if sz != 1
+    )
+
+
+def _to_device(host: Tensor, device: torch.device) -> Tensor:
+    """A small host tensor on ``device`` without a host sync: staged in pinned memory (the
+    caching host allocator keeps it alive until the copy ran), copied asynchronously."""
+    if device.type == "cpu":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+_BLOCKS_CACHE: OrderedDict[tuple[Any, ...], Tensor] = OrderedDict()
+_BLOCKS_CACHE_SIZE = 64
+
+
+def _blocks(numels: tuple[int, ...], block: int, device: torch.device) -> Tensor:
+    """int32 ``(row, chunk)`` per program, built with vectorised CPU ops and cached per sizes."""
+    key = (device, block, numels)
+    blocks = _BLOCKS_CACHE.get(key)
+    if blocks is not None:
+        _BLOCKS_CACHE.move_to_end(key)
+        return blocks
+    counts = torch.tensor([-(-n // block) for n in numels], dtype=torch.int64)
+    rows = torch.repeat_interleave(torch.arange(len(numels)), counts)
+    first = torch.cumsum(counts, 0) - counts
+    chunks = torch.arange(rows.numel()) - first[rows]
+    blocks = _to_device(torch.stack([rows, chunks], 1).to(torch.int32), device)
+    _BLOCKS_CACHE[key] = blocks
+    if len(_BLOCKS_CACHE) > _BLOCKS_CACHE_SIZE:
+        _BLOCKS_CACHE.popitem(last=False)
+    return blocks
+
+
+class _Launch:
+    """The pointer table of one launch, plus the copies made for tensors the kernel cannot
+    address directly (non-dense, or layouts that differ within a row), written back after."""
+
+    def __init__(self, name: str, device: torch.device) -> None:
+        self.name = name
+        self.device = device
+        self.rows: list[list[int]] = []
+        self.numels: list[int] = []
+        self.keep: list[Tensor] = []  # temporaries whose addresses are in the table
+        self.write_back: list[tuple[Tensor, Tensor]] = []
+        self.written: list[Tensor] = []  # written in place by the kernel: bump their autograd versions
+
+    def addresses(self, tensors: Sequence[Tensor | None], written: Sequence[bool]) -> list[int]:
+        """Addresses of elementwise-aligned tensors (``tensors[0]`` is the parameter; None -> 0).
+
+        If every tensor shares the parameter's dense layout (contiguous, channels_last, a
+        transpose ...) the kernel walks their storage directly; otherwise it works on
+        contiguous copies, and those of the tensors it writes are copied back after.
+        """
+        p = tensors[0]
+        present = [t for t in tensors if t is not None]
+        for t in present:
+            if t.device != p.device or t.shape != p.shape:
+                raise RuntimeError(
+                    f"{self.name}: every state and history tensor must have the parameter's device and shape "
+                    f"({p.device}, {tuple(p.shape)}), got {t.device}, {tuple(t.shape)}"
+                )
+        direct = _dense(p) and all(_same_layout(t, p) for t in present)
+        out = []
+        for t, is_written in zip(tensors, written):
+            if t is None:
+                out.append(0)
+                continue
+            if not direct and not t.is_contiguous():
+                copy = t.contiguous()
+                self.keep.append(copy)
+                if is_written:
+                    self.write_back.append((t, copy))  # copy_ bumps the version
+                t = copy
+            elif is_written:
+                self.written.append(t)
+            out.append(t.data_ptr())
+        return out
+
+    def add_row(self, numel: int, addresses: list[int]) -> None:
+        self.rows.append([numel, *addresses])
+        self.numels.append(numel)
+
+    def run(self, kernel: Any, hyper: Tensor, scale: Tensor | None, buffer_size: int, **constexprs: Any) -> None:
+        block, num_warps = _launch_config(buffer_size, constexprs["ACC"] == tl.float64)
+        blocks = _blocks(tuple(self.numels), block, self.device)
+        if blocks.shape[0]:
+            table = _to_device(torch.tensor(self.rows, dtype=torch.int64), self.device)
+            kernel[(blocks.shape[0],)](
+                table,
+                blocks,
+                hyper,
+                hyper if scale is None else scale,
+                C=len(self.rows[0]),
+                BLOCK=block,
+                HAS_SCALE=scale is not None,
+                num_warps=num_warps,
+                **constexprs,
+            )
+        for t, copy in self.write_back:
+            t.copy_(copy)
+        torch.autograd.graph.increment_version(self.written)  # as in-place torch ops would
+
+
+def _filter_constexprs(
+    buffer_size: int, is_full: bool, decay: float, threshold_scale: float, snr_gate: bool
+) -> dict[str, Any]:
+    """The filter's trace-time constants, from waveguard_optim.filter (none during warm-up,
+    so that warm-up launches share one compiled variant whatever the filter options)."""
+    if not is_full:
+        return dict(FULL=False, W=(), U=(), STEPS=(), MIDDLE=(), TSCALE=0.0, SNR_GATE=False)
+    w, u = filter_weights(buffer_size, float(decay))
+    steps, middle = median_network(buffer_size // 2)
+    tscale = threshold_scale_factor(buffer_size, float(threshold_scale))
+    return dict(FULL=True, W=w, U=u, STEPS=steps, MIDDLE=middle, TSCALE=tscale, SNR_GATE=bool(snr_gate))
+
+
+def _tl_dtype(name: str, t: Tensor) -> Any:
+    dtype = _TL_DTYPES.get(t.dtype)
+    if dtype is None:
+        raise RuntimeError(f"{name}: unsupported dtype {t.dtype} (supported: float32, float16, bfloat16, float64)")
+    return dtype
+
+
+def _check(
+    name: str,
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    histories: Sequence[Sequence[Tensor]],
+    full: Sequence[bool],
+    **lists: Sequence[Any],
+) -> torch.device:
+    """Validate the lists and return the device of the launch."""
+    if triton is None:
+        raise RuntimeError(f"{name}: triton is not installed (pip install triton)")
+    for what, values in dict(grads=grads, histories=histories, full=full, **lists).items():
+        if len(values) != len(params):
+            raise RuntimeError(f"{name}: {len(params)} params but {len(values)} {what}")
+    device = params[0].device
+    for p, g, slots in zip(params, grads, histories):
+        if p.is_complex():
+            raise RuntimeError(
+                f"{name}: complex parameters are not supported by the fused Triton step "
+                "(as torch's fused Adam); use foreach=True or fused=False"
+            )
+        if g.is_sparse:
+            raise RuntimeError(f"{name}: sparse gradients are not supported")
+        if p.device != device:
+            raise RuntimeError(f"{name}: all parameters of one call must be on one device, got {device} and {p.device}")
+        n = len(slots)
+        if n < 2 or n & (n - 1) or any(s.dtype != slots[-1].dtype for s in slots):
+            raise RuntimeError(f"{name}: each history must be a power-of-two number (>= 2) of slots of one dtype")
+    if not triton_available(device):
+        mode = "TRITON_INTERPRET=1 (the interpreter runs CPU tensors only)" if _interpreted() else "compiled (CUDA only)"
+        raise RuntimeError(f"{name}: the Triton kernels cannot run on {device} in this process: {mode}")
+    return device
+
+
+def _hyper(values: Sequence[float | Tensor], device: torch.device) -> Tensor:
+    """float64 hyperparameters on the device; tensor ones are copied there on the device
+    (no host sync, no ``.item()``)."""
+    hyper = _to_device(
+        torch.tensor([0.0 if isinstance(v, Tensor) else float(v) for v in values], dtype=torch.float64), device
+    )
+    for k, v in enumerate(values):
+        if isinstance(v, Tensor):
+            hyper[k] = v.detach().to(device=device, dtype=torch.float64).reshape(())
+    return hyper
+
+
+def _scale(grad_scale: Tensor | None, device: torch.device) -> Tensor | None:
+    return None if grad_scale is None else grad_scale.detach().to(device=device).reshape(())
+
+
+def _nonzero(value: float | Tensor) -> bool:
+    """``value != 0`` for the constexpr flags; a tensor counts as nonzero (no host sync)."""
+    return True if isinstance(value, Tensor) else value != 0
+
+
+def _steps_on(state_steps: Sequence[Tensor], device: torch.device) -> list[Tensor]:
+    """The (already incremented) steps, readable on ``device``. Steps elsewhere (torch keeps
+    them on the CPU unless fused or capturable) go over in one copy per dtype, not one each."""
+    steps = list(state_steps)
+    elsewhere: dict[torch.dtype, list[int]] = {}
+    for i, step in enumerate(steps):
+        if step.device != device:
+            elsewhere.setdefault(step.dtype, []).append(i)
+    for members in elsewhere.values():
+        moved = _to_device(torch.stack([steps[i].reshape(()) for i in members]), device)
+        for k, i in enumerate(members):
+            steps[i] = moved[k]  # a view: the table holds its address, `launch.keep` the view
+    return steps
+
+
+@torch.no_grad()
+def fused_wave_adam_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    max_exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    histories: list[list[Tensor]],
+    full: list[bool],
+    *,
+    decay: float,
+    threshold_scale: float,
+    snr_gate: bool,
+    amsgrad: bool,
+    beta1: float | Tensor,
+    beta2: float | Tensor,
+    lr: float | Tensor,
+    weight_decay: float,
+    eps: float,
+    maximize: bool,
+    decoupled_weight_decay: bool,
+    grad_scale: Tensor | None = None,
+) -> None:
+    """WaveAdam's whole step in one launch per group: record, filter, Adam (module docstring).
+
+    ``histories[i]`` are the slots of ``params[i]`` oldest first, the ring already advanced:
+    the gradient is written into ``histories[i][-1]``; ``full[i]`` selects the filter over
+    the warm-up's raw gradient. ``state_steps`` are incremented here, as in torch's fused Adam.
+    """
+    if not params:
+        return
+    name = "fused_wave_adam_"
+    lists: dict[str, Sequence[Any]] = dict(exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs, state_steps=state_steps)
+    if amsgrad:
+        lists["max_exp_avg_sqs"] = max_exp_avg_sqs
+    device = _check(name, params, grads, histories, full, **lists)
+    torch._foreach_add_(state_steps, 1)
+    hyper = _hyper([lr, beta1, beta2, eps, weight_decay], device)
+    scale = _scale(grad_scale, device)
+
+    steps = _steps_on(state_steps, device)
+    launches: dict[tuple[Any, ...], _Launch] = {}
+    for i, p in enumerate(params):
+        slots = histories[i]
+        max_exp_avg_sq = max_exp_avg_sqs[i] if amsgrad else None
+        step = steps[i]
+        key = (
+            len(slots),
+            bool(full[i]),
+            *(
+                _tl_dtype(name, t)
+                for t in (p, grads[i], exp_avgs[i], exp_avg_sqs[i], max_exp_avg_sq if amsgrad else p, step, slots[-1])
+            ),
+            tl.float64 if _compute_dtype(p) == torch.float64 else tl.float32,
+        )
+        launch = launches.get(key)
+        if launch is None:
+            launch = launches[key] = _Launch(name, device)
+        n = len(slots)
+        addresses = launch.addresses(
+            [p, grads[i], exp_avgs[i], exp_avg_sqs[i], max_exp_avg_sq, *slots],
+            [True, False, True, True, True, *([False] * (n - 1)), True],
+        )
+        launch.keep.append(step)
+        launch.add_row(p.numel(), [*addresses[:5], step.data_ptr(), *addresses[5:]])
+
+    for key, launch in launches.items():
+        n, is_full, p_dt, g_dt, m_dt, v_dt, vmax_dt, step_dt, s_dt, acc = key
+        launch.run(
+            _wave_adam_kernel,
+            hyper,
+            scale,
+            n,
+            P_DT=p_dt,
+            G_DT=g_dt,
+            M_DT=m_dt,
+            V_DT=v_dt,
+            VMAX_DT=vmax_dt,
+            STEP_DT=step_dt,
+            S_DT=s_dt,
+            ACC=acc,
+            MAXIMIZE=bool(maximize),
+            HAS_WD=_nonzero(weight_decay),
+            DECOUPLED=bool(decoupled_weight_decay),
+            AMSGRAD=bool(amsgrad),
+            **_filter_constexprs(n, is_full, decay, threshold_scale, snr_gate),
+        )
+
+
+@torch.no_grad()
+def fused_wave_sgd_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor | None],
+    histories: list[list[Tensor]],
+    full: list[bool],
+    *,
+    decay: float,
+    threshold_scale: float,
+    snr_gate: bool,
+    weight_decay: float | Tensor,
+    momentum: float,
+    lr: float | Tensor,
+    dampening: float,
+    nesterov: bool,
+    maximize: bool,
+    grad_scale: Tensor | None = None,
+) -> None:
+    """WaveSGD's whole step in one launch per group: record, filter, SGD.
+
+    Like torch's SGD functional, a ``None`` in ``momentum_buffers`` (first step with
+    momentum) is replaced in place by a new buffer holding the step's ``d_p``.
+    """
+    if not params:
+        return
+    name = "fused_wave_sgd_"
+    device = _check(name, params, grads, histories, full, momentum_buffers=momentum_buffers)
+    hyper = _hyper([lr, momentum, dampening, weight_decay], device)
+    scale = _scale(grad_scale, device)
+    has_momentum = _nonzero(momentum)
+
+    launches: dict[tuple[Any, ...], _Launch] = {}
+    for i, p in enumerate(params):
+        slots = histories[i]
+        buf, first = None, False
+        if has_momentum:
+            buf = momentum_buffers[i]
+            if buf is None:
+                buf = momentum_buffers[i] = torch.empty_like(p, memory_format=torch.preserve_format)
+                first = True
+        key = (
+            len(slots),
+            bool(full[i]),
+            *(_tl_dtype(name, t) for t in (p, grads[i], p if buf is None else buf, slots[-1])),
+            tl.float64 if _compute_dtype(p) == torch.float64 else tl.float32,
+            first,
+        )
+        launch = launches.get(key)
+        if launch is None:
+            launch = launches[key] = _Launch(name, device)
+        n = len(slots)
+        addresses = launch.addresses([p, grads[i], buf, *slots], [True, False, True, *([False] * (n - 1)), True])
+        launch.add_row(p.numel(), addresses)
+
+    for key, launch in launches.items():
+        n, is_full, p_dt, g_dt, buf_dt, s_dt, acc, first = key
+        launch.run(
+            _wave_sgd_kernel,
+            hyper,
+            scale,
+            n,
+            P_DT=p_dt,
+            G_DT=g_dt,
+            BUF_DT=buf_dt,
+            S_DT=s_dt,
+            ACC=acc,
+            MAXIMIZE=bool(maximize),
+            HAS_WD=_nonzero(weight_decay),
+            MOMENTUM=has_momentum,
+            FIRST=first,
+            NESTEROV=bool(nesterov),
+            **_filter_constexprs(n, is_full, decay, threshold_scale, snr_gate),
+        )

@@ -1,0 +1,499 @@
+"""The fused Triton step (``waveguard_optim.kernels.triton_step``) against its pure-torch twin.
+
+The twin is ``record_and_filter(..., foreach=True)`` followed by torch's functional foreach
+``adam`` / ``sgd`` (maximize already folded into the recorded gradient), on identical copies
+of every tensor. Each run lasts long enough for every tensor to go from warm-up to the
+full filter, with tensors starting at different steps, so one call mixes warm-up and full
+tensors, first and later momentum steps, and tensors of several sizes (and dtypes).
+
+On CPU the kernels run under Triton's interpreter, which must be chosen before triton
+builds the kernels, so these tests run only when the environment says so:
+
+    TRITON_INTERPRET=1 pytest tests/test_fused_triton.py
+
+Without it the CPU tests skip (a plain ``pytest`` run stays fast and unaffected). The CUDA
+tests run when a GPU is present and TRITON_INTERPRET is unset.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from torch.optim.adam import adam as torch_adam  # noqa: E402
+from torch.optim.sgd import sgd as torch_sgd  # noqa: E402
+
+from waveguard_optim.denoise import claim_histories, record_and_filter  # noqa: E402
+from waveguard_optim.kernels import triton_step  # noqa: E402
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+ON_CPU = triton_step.triton_available("cpu")
+ON_CUDA = torch.cuda.is_available() and triton_step.triton_available("cuda")
+
+needs_interpreter = pytest.mark.skipif(
+    not ON_CPU, reason="CPU runs of the Triton kernels need TRITON_INTERPRET=1 in the environment"
+)
+needs_cuda = pytest.mark.skipif(not ON_CUDA, reason="needs a CUDA GPU (and TRITON_INTERPRET unset)")
+
+SIZES = (1, 7, 1000, 4099)
+STARTS = (0, 1, 2, 3)  # tensor i gets its first gradient at step STARTS[i]
+
+
+@pytest.fixture(autouse=True)
+def _round_to_nearest_bf16_in_the_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Triton's interpreter truncates float32 -> bfloat16 where GPUs (and torch) round to
+    nearest even; over several steps the truncation drifts bf16 parameters by ulps. Make
+    the simulator round like the hardware, so the bf16 tolerances can stay tight."""
+    if not INTERPRET:
+        return
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    original = interpreter.InterpreterBuilder.create_fp_trunc
+
+    def create_fp_trunc(self, src, dst_type):  # type: ignore[no-untyped-def]
+        if dst_type.scalar == tl.bfloat16 and src.dtype.scalar == tl.float32:
+            x = torch.from_numpy(np.array(src.data, dtype=np.float32))
+            return interpreter.TensorHandle(x.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16), tl.bfloat16)
+        return original(self, src, dst_type)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_fp_trunc", create_fp_trunc)
+
+
+# --- the harness ---------------------------------------------------------------------------
+
+
+@dataclass
+class Case:
+    kind: str  # "adam" or "sgd"
+    buffer_size: int = 4
+    dtypes: tuple[torch.dtype, ...] = (torch.float32,)  # cycled over the tensors
+    buffer_dtype: torch.dtype | None = None
+    decay: float = 0.85
+    threshold_scale: float = 1.0
+    snr_gate: bool = True
+    maximize: bool = False
+    weight_decay: float = 0.0
+    grad_scale: float | None = None
+    sizes: tuple[int, ...] = SIZES
+    starts: tuple[int, ...] = STARTS
+    layout: str = "contiguous"  # or "transposed" (dense, not contiguous) or "strided" (not dense)
+    steps: int | None = None  # default: until every tensor had a few full steps
+    offset: float = 0.0  # gradients: offset + spread * (slow signal + noise)
+    spread: float = 1.0
+    cpu_steps: bool = False  # Adam steps on the CPU for the kernels too (torch's non-fused default)
+    options: dict[str, Any] = field(default_factory=dict)  # amsgrad, lr, betas, momentum, ...
+
+
+def _make_param(size: int, dtype: torch.dtype, layout: str, gen: torch.Generator, device: str) -> torch.Tensor:
+    if layout == "contiguous":
+        base = torch.randn(size, generator=gen)
+        return base.to(device=device, dtype=dtype)
+    rows = 3
+    base = torch.randn(rows, size, generator=gen) if layout == "transposed" else torch.randn(size, 2 * rows, generator=gen)
+    base = base.to(device=device, dtype=dtype)
+    return base.t() if layout == "transposed" else base[:, ::2]  # (size, 3) views
+
+
+class Side:
+    """One copy of the parameters and of the optimizer state, stepped by the fused kernels
+    or by the twin."""
+
+    def __init__(self, case: Case, params: list[torch.Tensor], fused: bool, device: str) -> None:
+        self.case = case
+        self.fused = fused
+        self.device = device
+        if case.layout == "strided":  # fresh strided views (clone would make them dense)
+            self.params = []
+            for p in params:
+                view = torch.zeros(p.shape[0], 2 * p.shape[1], dtype=p.dtype, device=p.device)[:, ::2]
+                self.params.append(view.copy_(p))
+        else:
+            self.params = [p.clone() for p in params]  # keeps the strides of dense tensors
+        self.states: list[dict[str, Any]] = [{} for _ in params]
+
+    def step(self, active: list[int], grads: list[torch.Tensor], scale: torch.Tensor | None) -> None:
+        case, opts = self.case, self.case.options
+        params = [self.params[i] for i in active]
+        states = [self.states[i] for i in active]
+        histories, full = claim_histories(params, states, buffer_size=case.buffer_size, buffer_dtype=case.buffer_dtype)
+        wave = dict(decay=case.decay, threshold_scale=case.threshold_scale, snr_gate=case.snr_gate)
+        if case.kind == "adam":
+            for p, st in zip(params, states):
+                if "step" not in st:
+                    for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+                        st[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    # torch's fused Adam keeps the step on the device, foreach Adam on the CPU
+                    on_device = self.fused and not case.cpu_steps
+                    st["step"] = torch.zeros((), dtype=torch.float32, device=self.device if on_device else "cpu")
+            lists = [[st[key] for st in states] for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step")]
+            adam = dict(
+                amsgrad=opts.get("amsgrad", False),
+                beta1=opts.get("beta1", 0.9),
+                beta2=opts.get("beta2", 0.999),
+                lr=opts.get("lr", 0.05),
+                weight_decay=case.weight_decay,
+                eps=opts.get("eps", 1e-8),
+                decoupled_weight_decay=opts.get("decoupled_weight_decay", False),
+            )
+            if self.fused:
+                triton_step.fused_wave_adam_(
+                    params, grads, *lists, histories, full, **wave, **adam, maximize=case.maximize, grad_scale=scale
+                )
+            else:
+                g_hat = record_and_filter(
+                    params, grads, histories, full, **wave, maximize=case.maximize, grad_scale=scale, foreach=True
+                )
+                adam = {k: (v.item() if isinstance(v, torch.Tensor) else v) for k, v in adam.items()}
+                torch_adam(params, g_hat, *lists, foreach=True, maximize=False, **adam)
+        else:
+            buffers = [st.get("momentum_buffer") for st in states]
+            sgd = dict(
+                weight_decay=case.weight_decay,
+                momentum=opts.get("momentum", 0.0),
+                lr=opts.get("lr", 0.05),
+                dampening=opts.get("dampening", 0.0),
+                nesterov=opts.get("nesterov", False),
+            )
+            if self.fused:
+                triton_step.fused_wave_sgd_(
+                    params, grads, buffers, histories, full, **wave, **sgd, maximize=case.maximize, grad_scale=scale
+                )
+            else:
+                g_hat = record_and_filter(
+                    params, grads, histories, full, **wave, maximize=case.maximize, grad_scale=scale, foreach=True
+                )
+                sgd = {k: (v.item() if isinstance(v, torch.Tensor) else v) for k, v in sgd.items()}
+                torch_sgd(params, g_hat, buffers, foreach=True, maximize=False, **sgd)
+            for st, buf in zip(states, buffers):
+                if buf is not None:
+                    st["momentum_buffer"] = buf
+
+
+# Tolerances on parameters and moments, (rtol, atol) for values of order 1. float32: the
+# same operations in the same order, up to rounding (FMA contraction, torch's vectorised
+# lerp). Half precision: torch rounds every intermediate (each foreach op writes bf16/fp16
+# state), the kernel once, at the store (observed: ~2 bf16 ulps, ~1 fp16 ulp).
+TOLERANCES = {
+    torch.float64: (1e-12, 1e-12),
+    torch.float32: (2e-6, 2e-6),
+    torch.bfloat16: (2e-2, 2e-2),
+    torch.float16: (4e-3, 4e-3),
+}
+
+
+def _compare(case: Case, fused: Side, twin: Side, step: int, tolerance_scale: float = 1.0) -> None:
+    for i, (a, b) in enumerate(zip(fused.params, twin.params)):
+        where = f"step {step}, tensor {i} ({a.dtype}, {tuple(a.shape)})"
+        # the slots are bit-exact, so only the parameter's dtype counts
+        rtol, atol = (tolerance_scale * t for t in TOLERANCES[a.dtype])
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=lambda m: f"param, {where}: {m}")
+        sa, sb = fused.states[i], twin.states[i]
+        assert sa.keys() == sb.keys(), where
+        for key in sa:
+            x, y = sa[key], sb[key]
+            if key == "wave_count":
+                assert x == y, where
+            elif key == "step":
+                assert x.item() == y.item(), where
+            elif key.startswith("wave_history"):
+                # the recorded gradients, bit for bit (the same rounding on both sides)
+                torch.testing.assert_close(x, y, rtol=0.0, atol=0.0, msg=lambda m: f"{key}, {where}: {m}")
+            else:
+                scale = max(1.0, y.abs().max().item())
+                torch.testing.assert_close(
+                    x, y, rtol=rtol, atol=atol * scale, msg=lambda m: f"{key}, {where}: {m}"
+                )
+
+
+def run_case(
+    case: Case, device: str = "cpu", seed: int = 0, compare_every: int = 1, tolerance_scale: float = 1.0
+) -> tuple[Side, Side]:
+    gen = torch.Generator().manual_seed(seed)
+    dtypes = [case.dtypes[i % len(case.dtypes)] for i in range(len(case.sizes))]
+    params = [_make_param(n, dt, case.layout, gen, device) for n, dt in zip(case.sizes, dtypes)]
+    fused, twin = Side(case, params, True, device), Side(case, params, False, device)
+    # a slow signal plus noise per element: the filter has something to keep and something to remove
+    signal = [torch.randn(p.shape, generator=gen) for p in params]
+    scale = None if case.grad_scale is None else torch.tensor(case.grad_scale, device=device)
+    steps = case.steps or case.buffer_size + max(case.starts) + 2
+    for step in range(steps):
+        active = [i for i, start in enumerate(case.starts) if step >= start]
+        grads = []
+        for i in active:
+            g = signal[i] * math.cos(0.3 * step) + torch.randn(params[i].shape, generator=gen)
+            g = case.offset + case.spread * g
+            if case.grad_scale is not None:
+                g = g * case.grad_scale
+            grads.append(g.to(device=device, dtype=dtypes[i]))
+        originals = [g.clone() for g in grads]
+        fused.step(active, grads, scale)
+        for g, g0 in zip(grads, originals):
+            assert torch.equal(g, g0), "the kernels must not write the gradients"
+        twin.step(active, grads, scale)
+        if step % compare_every == 0 or step == steps - 1:
+            _compare(case, fused, twin, step, tolerance_scale)
+    return fused, twin
+
+
+# --- cases ---------------------------------------------------------------------------------
+
+ADAM_CASES = {
+    "adam-n2-defaults": Case("adam", buffer_size=2),
+    "adam-n4-amsgrad-maximize-l2-gate-off": Case(
+        "adam", buffer_size=4, threshold_scale=1.5, snr_gate=False, maximize=True, weight_decay=0.1,
+        options=dict(amsgrad=True),
+    ),
+    "adam-n8-decoupled-decay1": Case(
+        "adam", buffer_size=8, decay=1.0, threshold_scale=1.5, weight_decay=0.1,
+        options=dict(decoupled_weight_decay=True),
+    ),
+    "adam-n16-no-threshold-grad-scale": Case("adam", buffer_size=16, threshold_scale=0.0, grad_scale=1024.0),
+    "adam-n8-bf16": Case("adam", buffer_size=8, dtypes=(torch.bfloat16,), options=dict(amsgrad=True)),
+    # float16 Adam state underflows for small gradients (v = (1 - beta2) g^2 < 6e-8 is 0, and
+    # eps = 1e-8 is 0 too): the twin then divides by the rounded state, the kernel (like
+    # torch's fused Adam) by its float32 value, and they differ by far more than rounding.
+    # Gradients away from 0 keep both well-conditioned.
+    "adam-n4-fp16-maximize-l2": Case(
+        "adam", buffer_size=4, dtypes=(torch.float16,), maximize=True, weight_decay=0.1, offset=2.0,
+        spread=0.2, options=dict(eps=1e-4, beta2=0.99),
+    ),
+    "adam-n8-bf16-slots": Case("adam", buffer_size=8, buffer_dtype=torch.bfloat16, threshold_scale=1.5),
+    "adam-n4-fp64-amsgrad-decoupled": Case(
+        "adam", buffer_size=4, dtypes=(torch.float64,), weight_decay=0.1,
+        options=dict(amsgrad=True, decoupled_weight_decay=True),
+    ),
+    "adam-n4-mixed-dtypes-one-call": Case(
+        "adam", buffer_size=4, dtypes=(torch.float32, torch.bfloat16, torch.float16), grad_scale=8.0, offset=2.0,
+        spread=0.2, options=dict(amsgrad=True, eps=1e-4, beta2=0.99),
+    ),
+    "adam-n4-zero-grads": Case("adam", buffer_size=4, spread=0.0, options=dict(amsgrad=True)),  # E = 0: gamma = 0
+    "adam-n8-beta1-below-half": Case("adam", buffer_size=8, options=dict(beta1=0.3)),  # lerp's other branch
+    "adam-n2-tensor-lr-betas": Case(
+        "adam", buffer_size=2, options=dict(lr=torch.tensor(0.05), beta1=torch.tensor(0.8), beta2=torch.tensor(0.99))
+    ),
+}
+
+SGD_CASES = {
+    "sgd-n2-plain": Case("sgd", buffer_size=2),
+    "sgd-n4-momentum-dampening-l2-maximize": Case(
+        "sgd", buffer_size=4, maximize=True, weight_decay=0.01, options=dict(momentum=0.9, dampening=0.1)
+    ),
+    "sgd-n8-nesterov-gate-off-decay1": Case(
+        "sgd", buffer_size=8, decay=1.0, threshold_scale=1.5, snr_gate=False,
+        options=dict(momentum=0.9, nesterov=True),
+    ),
+    "sgd-n16-threshold-grad-scale": Case(
+        "sgd", buffer_size=16, threshold_scale=1.5, grad_scale=1024.0, options=dict(momentum=0.9)
+    ),
+    "sgd-n4-bf16-nesterov": Case(
+        "sgd", buffer_size=4, dtypes=(torch.bfloat16,), weight_decay=0.01, options=dict(momentum=0.9, nesterov=True)
+    ),
+    "sgd-n8-fp16-bf16-slots": Case(
+        "sgd", buffer_size=8, dtypes=(torch.float16,), buffer_dtype=torch.bfloat16, options=dict(momentum=0.5)
+    ),
+    "sgd-n4-fp64-bf16-slots": Case(
+        "sgd", buffer_size=4, dtypes=(torch.float64,), buffer_dtype=torch.bfloat16, weight_decay=0.01,
+        options=dict(momentum=0.9),
+    ),
+    "sgd-n4-constant-grads": Case("sgd", buffer_size=4, offset=0.5, spread=0.0, options=dict(momentum=0.9)),
+    "sgd-n2-tensor-lr": Case("sgd", buffer_size=2, options=dict(lr=torch.tensor(0.05), momentum=0.9)),
+}
+
+LAYOUT_CASES = {
+    f"{kind}-{layout}": Case(
+        kind, buffer_size=4, sizes=(5, 300), starts=(0, 1), layout=layout,
+        options=dict(amsgrad=True) if kind == "adam" else dict(momentum=0.9),
+    )
+    for kind in ("adam", "sgd")
+    for layout in ("transposed", "strided")
+}
+
+
+@needs_interpreter
+@pytest.mark.parametrize("name", list(ADAM_CASES))
+def test_fused_adam_matches_twin_under_interpreter(name: str) -> None:
+    run_case(ADAM_CASES[name])
+
+
+@needs_interpreter
+@pytest.mark.parametrize("name", list(SGD_CASES))
+def test_fused_sgd_matches_twin_under_interpreter(name: str) -> None:
+    run_case(SGD_CASES[name])
+
+
+@needs_interpreter
+@pytest.mark.parametrize("name", list(LAYOUT_CASES))
+def test_non_contiguous_params_are_updated_in_place(name: str) -> None:
+    """Dense non-contiguous tensors are walked in storage order, non-dense ones through
+    contiguous copies that are written back; either way the views see the update."""
+    fused, twin = run_case(LAYOUT_CASES[name])
+    for p in fused.params:
+        assert not p.is_contiguous()
+
+
+@needs_interpreter
+def test_many_blocks_per_tensor(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Small blocks: many programs per tensor, ragged last blocks, the (row, chunk) table."""
+    monkeypatch.setattr(triton_step, "_launch_config", lambda n, fp64: (128, 4))
+    run_case(Case("adam", buffer_size=4, sizes=(1000, 129, 3, 128), options=dict(amsgrad=True)))
+    run_case(Case("sgd", buffer_size=2, sizes=(1000, 129, 3, 128), options=dict(momentum=0.9)))
+
+
+@needs_interpreter
+def test_decay_one_is_the_plain_mean_whatever_the_threshold() -> None:
+    """SPEC section 3: with decay = 1 every u_i (i >= 1) is 0, so g_hat is the buffer's mean.
+    With lr = 1 and no momentum, SGD moves the parameter by exactly -g_hat."""
+    n = 4
+    p = torch.zeros(50)
+    state: dict[str, Any] = {}
+    gen = torch.Generator().manual_seed(1)
+    recorded = []
+    for _ in range(n):
+        g = torch.randn(50, generator=gen) * 3
+        recorded.append(g)
+        before = p.clone()
+        histories, full = claim_histories([p], [state], buffer_size=n, buffer_dtype=None)
+        triton_step.fused_wave_sgd_(
+            [p], [g], [None], histories, full, decay=1.0, threshold_scale=5.0, snr_gate=True,
+            weight_decay=0.0, momentum=0.0, lr=1.0, dampening=0.0, nesterov=False, maximize=False,
+        )  # fmt: skip
+    torch.testing.assert_close(before - p, torch.stack(recorded).mean(0), rtol=1e-6, atol=1e-6)
+
+
+@needs_interpreter
+def test_in_place_writes_bump_autograd_versions() -> None:
+    p, g = torch.randn(10), torch.randn(10)
+    state: dict[str, Any] = {}
+    histories, full = claim_histories([p], [state], buffer_size=2, buffer_dtype=None)
+    before = p._version, histories[0][-1]._version
+    triton_step.fused_wave_sgd_(
+        [p], [g], [None], histories, full, decay=0.85, threshold_scale=1.0, snr_gate=True,
+        weight_decay=0.0, momentum=0.0, lr=0.1, dampening=0.0, nesterov=False, maximize=False,
+    )  # fmt: skip
+    assert p._version > before[0] and histories[0][-1]._version > before[1]
+    assert g._version == 0
+
+
+@needs_interpreter
+def test_first_momentum_buffer_replaces_none_in_place() -> None:
+    p, g = torch.randn(10), torch.randn(10)
+    buffers: list[torch.Tensor | None] = [None]
+    state: dict[str, Any] = {}
+    histories, full = claim_histories([p], [state], buffer_size=2, buffer_dtype=None)
+    triton_step.fused_wave_sgd_(
+        [p], [g], buffers, histories, full, decay=0.85, threshold_scale=1.0, snr_gate=True,
+        weight_decay=0.0, momentum=0.9, lr=0.1, dampening=0.5, nesterov=False, maximize=False,
+    )  # fmt: skip
+    assert isinstance(buffers[0], torch.Tensor)
+    torch.testing.assert_close(buffers[0], g)  # torch: buf = d_p.clone() on the first step, no dampening
+
+
+@needs_interpreter
+def test_refusals() -> None:
+    def call(params, grads):
+        states = [{} for _ in params]
+        histories, full = claim_histories(params, states, buffer_size=2, buffer_dtype=None)
+        steps = [torch.zeros((), dtype=torch.float32) for _ in params]
+        zeros = [torch.zeros_like(p) for p in params]
+        triton_step.fused_wave_adam_(
+            params, grads, zeros, [z.clone() for z in zeros], [], steps, histories, full,
+            decay=0.85, threshold_scale=1.0, snr_gate=True, amsgrad=False, beta1=0.9, beta2=0.999,
+            lr=1e-3, weight_decay=0.0, eps=1e-8, maximize=False, decoupled_weight_decay=False,
+        )  # fmt: skip
+
+    z = torch.randn(4, dtype=torch.complex64)
+    with pytest.raises(RuntimeError, match="complex"):
+        call([z], [z.clone()])
+    p = torch.randn(4, 4)
+    sparse = torch.randn(4, 4).to_sparse()
+    with pytest.raises(RuntimeError, match="sparse"):
+        call([p], [sparse])
+    i = torch.zeros(4, dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="dtype"):
+        call([i], [i.clone()])
+
+
+def test_triton_available_matches_the_mode() -> None:
+    assert triton_step.triton_available("cpu") == INTERPRET
+    if not INTERPRET:
+        assert triton_step.triton_available("cuda") == torch.cuda.is_available()
+    assert not triton_step.triton_available("meta")
+
+
+def test_kernels_compile_for_cuda_without_a_gpu() -> None:
+    """The interpreter runs the kernels as Python, which accepts code the compiler refuses;
+    compile the main variants to cubins for sm_90 and sm_80 (triton ships ptxas, no GPU
+    needed), in a subprocess without TRITON_INTERPRET. Cold cache: ~20 s."""
+    code = r"""
+import triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from waveguard_optim.kernels import triton_step as ts
+
+def build(fn, dtypes, n, full, acc, arch, **flags):
+    const = dict(dtypes, C=(7 if fn is ts._wave_adam_kernel else 4) + n, ACC=acc,
+                 BLOCK=ts._launch_config(n, acc == tl.float64)[0], **flags,
+                 **ts._filter_constexprs(n, full, 0.85, 1.0, True))
+    sig = dict(table="*i64", blocks="*i32", hyper="*fp64", scale_ptr="*fp32", **{k: "constexpr" for k in const})
+    triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const), target=GPUTarget("cuda", arch, 32))
+
+f32, bf16, f64 = tl.float32, tl.bfloat16, tl.float64
+adam = dict(HAS_SCALE=True, MAXIMIZE=True, HAS_WD=True, DECOUPLED=False, AMSGRAD=True)
+sgd = dict(HAS_SCALE=True, MAXIMIZE=False, HAS_WD=True, MOMENTUM=True, FIRST=False, NESTEROV=True)
+def adam_dt(p, s):
+    return dict(P_DT=p, G_DT=p, M_DT=p, V_DT=p, VMAX_DT=p, STEP_DT=f32, S_DT=s)
+for n in (2, 8, 64):
+    build(ts._wave_adam_kernel, adam_dt(f32, f32), n, True, f32, 90, **adam)
+build(ts._wave_adam_kernel, adam_dt(bf16, bf16), 8, False, f32, 90, **adam)
+build(ts._wave_adam_kernel, adam_dt(f32, bf16), 16, True, f32, 80, **dict(adam, DECOUPLED=True))
+build(ts._wave_adam_kernel, adam_dt(f64, bf16), 4, True, f64, 90, **adam)
+build(ts._wave_sgd_kernel, dict(P_DT=f32, G_DT=f32, BUF_DT=f32, S_DT=f32), 32, True, f32, 90, **sgd)
+build(ts._wave_sgd_kernel, dict(P_DT=bf16, G_DT=bf16, BUF_DT=bf16, S_DT=bf16), 4, True, f32, 80,
+      **dict(sgd, FIRST=True, NESTEROV=False))
+print("ok")
+"""
+    from triton.backends import backends
+
+    if "nvidia" not in backends:
+        pytest.skip("this triton build has no NVIDIA backend")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-4000:]
+
+
+# --- CUDA ------------------------------------------------------------------------------------
+
+
+@needs_cuda
+@pytest.mark.parametrize("name", list(ADAM_CASES) + list(SGD_CASES) + list(LAYOUT_CASES))
+def test_fused_matches_twin_on_cuda(name: str) -> None:
+    case = {**ADAM_CASES, **SGD_CASES, **LAYOUT_CASES}[name]
+    if isinstance(case.options.get("lr"), torch.Tensor):
+        case = Case(**{**case.__dict__, "options": {
+            k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in case.options.items()
+        }})  # fmt: skip
+    run_case(case, device="cuda")
+
+
+@needs_cuda
+@pytest.mark.parametrize("kind", ["adam", "sgd"])
+def test_long_trajectory_on_cuda(kind: str) -> None:
+    """200 steps in float32: the trajectories stay together (no drift from a subtle bias)."""
+    options = dict(amsgrad=True) if kind == "adam" else dict(momentum=0.9, nesterov=True)
+    case = Case(
+        kind, buffer_size=8, sizes=(1, 7, 1000, 4099, 100_003), starts=(0, 1, 2, 3, 4), steps=200,
+        weight_decay=0.01, cpu_steps=True, options=dict(options, lr=1e-2),
+    )  # fmt: skip
+    run_case(case, device="cuda", compare_every=20, tolerance_scale=10.0)
