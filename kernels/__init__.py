@@ -1,1 +1,36 @@
-"""Fused kernels of the WaveGuard step, shipped as ``waveguard_optim.kernels``."""
+"""Fused kernels of the WaveGuard step, shipped as ``waveguard_optim.kernels``.
+
+Each backend module offers ``fused_wave_adam_`` and ``fused_wave_sgd_`` with the arguments of
+:func:`waveguard_optim.denoise.record_and_filter` plus the update's: one pass records the
+gradient, filters it and updates the parameter. :func:`fused_backend` picks the module for a
+device: Triton on CUDA (and on CPU tensors under ``TRITON_INTERPRET=1``, which is how CI
+tests it), the CPU step (``cpu_step``) on CPU.
+"""
+
+from __future__ import annotations
+
+import os
+from types import ModuleType
+
+import torch
+
+
+def _triton_backend(device: torch.device) -> ModuleType | None:
+    try:
+        from . import triton_step
+    except ImportError:  # triton is an optional extra
+        return None
+    return triton_step if triton_step.triton_available(device) else None
+
+
+def fused_backend(device: torch.device) -> ModuleType | None:
+    """The kernel module for tensors on ``device``, or None when none can run there."""
+    if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        backend = _triton_backend(device)
+        if backend is not None or device.type == "cuda":
+            return backend
+    if device.type == "cpu":  # numba when installed, else blocked torch ops: always available
+        from . import cpu_step
+
+        return cpu_step
+    return None

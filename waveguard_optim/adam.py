@@ -92,8 +92,24 @@ class WaveAdam(WaveGuardMixin, torch.optim.Adam):
             has_complex = self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps)
             if not params:
                 continue
-            foreach, fused = self._paths(group, params)
+            foreach, kernels = self._paths(group, params)
             beta1, beta2 = group["betas"]
+            update = dict(
+                amsgrad=group["amsgrad"],
+                beta1=beta1,
+                beta2=beta2,
+                lr=group["lr"],
+                weight_decay=group["weight_decay"],
+                eps=group["eps"],
+                decoupled_weight_decay=group["decoupled_weight_decay"],
+            )
+            if kernels is not None:
+                histories, full = self._claim(group, params)
+                kernels.fused_wave_adam_(
+                    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, histories, full,
+                    **self._wave_args(group), **update,
+                )  # fmt: skip
+                continue
             adam_functional(
                 params,
                 self._denoise(group, params, grads, foreach),
@@ -102,19 +118,13 @@ class WaveAdam(WaveGuardMixin, torch.optim.Adam):
                 max_exp_avg_sqs,
                 state_steps,
                 foreach=foreach,
-                fused=fused,
+                fused=False,
                 capturable=group["capturable"],
                 differentiable=False,
                 grad_scale=None,
                 found_inf=None,
                 has_complex=has_complex,
-                amsgrad=group["amsgrad"],
-                beta1=beta1,
-                beta2=beta2,
-                lr=group["lr"],
-                weight_decay=group["weight_decay"],
-                eps=group["eps"],
                 maximize=False,  # the history and the denoised gradient are already negated
-                decoupled_weight_decay=group["decoupled_weight_decay"],
+                **update,
             )
         return loss

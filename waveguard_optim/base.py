@@ -3,6 +3,7 @@ in every param group, checkpoint handling, and the choice of code path."""
 
 from __future__ import annotations
 
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -11,7 +12,11 @@ from torch import Tensor
 from ._compat import _get_foreach_kernels_supported_devices
 from .denoise import claim_histories, record_and_filter
 from .history import restore_history, split_checkpoint
+from .kernels import fused_backend
 from .options import WAVE_DEFAULTS, check_wave_options
+
+# Device types whose fused kernel is the default (foreach=None, fused=None), where measured faster.
+DEFAULT_FUSED_DEVICES = frozenset({"cuda"})
 
 
 class WaveGuardMixin(torch.optim.Optimizer):
@@ -65,27 +70,44 @@ class WaveGuardMixin(torch.optim.Optimizer):
         found_inf = getattr(self, "found_inf", None)
         return found_inf is not None and bool(found_inf.item())
 
-    def _paths(self, group: dict[str, Any], params: list[Tensor]) -> tuple[bool, bool]:
-        """``(foreach, fused)`` for this group, resolving torch's None defaults."""
-        foreach, fused = group["foreach"], group["fused"]
-        if foreach is None and fused is None:
-            foreach_devices = _get_foreach_kernels_supported_devices()
-            foreach = bool(params) and all(p.device.type in foreach_devices for p in params)
-        return bool(foreach), bool(fused)
+    def _paths(self, group: dict[str, Any], params: list[Tensor]) -> tuple[bool, ModuleType | None]:
+        """``(foreach, kernels)`` for this group: the eager path, or the fused kernel module to use.
 
-    def _denoise(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], foreach: bool) -> list[Tensor]:
-        histories, full = claim_histories(
+        ``fused=True`` insists on a kernel; with neither option set, a kernel is used where one
+        runs (see ``DEFAULT_FUSED_DEVICES``) and otherwise torch's choice of foreach.
+        """
+        foreach, fused = group["foreach"], group["fused"]
+        device = params[0].device
+        if fused or (foreach is None and fused is None and device.type in DEFAULT_FUSED_DEVICES):
+            # Complex parameters take the eager path (torch's _init_group already refuses them for fused=True).
+            usable = all(p.device == device and not p.is_complex() for p in params)
+            kernels = fused_backend(device) if usable else None
+            if kernels is not None or fused:
+                if kernels is None:
+                    raise RuntimeError(
+                        f"{type(self).__name__}(fused=True) has no kernel for these {device.type} tensors: it needs "
+                        "all parameters of a group on one device, and triton on CUDA (pip install 'waveguard-optim[triton]')"
+                    )
+                return False, kernels
+        if foreach is None:
+            foreach = all(p.device.type in _get_foreach_kernels_supported_devices() for p in params)
+        return bool(foreach), None
+
+    def _claim(self, group: dict[str, Any], params: list[Tensor]) -> tuple[list[list[Tensor]], list[bool]]:
+        return claim_histories(
             params, [self.state[p] for p in params], buffer_size=group["buffer_size"], buffer_dtype=group["buffer_dtype"]
         )
-        return record_and_filter(
-            params,
-            grads,
-            histories,
-            full,
+
+    def _wave_args(self, group: dict[str, Any]) -> dict[str, Any]:
+        """The keyword arguments that ``record_and_filter`` and the fused kernels share."""
+        return dict(
             decay=group["decay"],
             threshold_scale=group["threshold_scale"],
             snr_gate=group["snr_gate"],
             maximize=group["maximize"],
             grad_scale=getattr(self, "grad_scale", None),
-            foreach=foreach,
         )
+
+    def _denoise(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], foreach: bool) -> list[Tensor]:
+        histories, full = self._claim(group, params)
+        return record_and_filter(params, grads, histories, full, **self._wave_args(group), foreach=foreach)

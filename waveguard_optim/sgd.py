@@ -77,23 +77,30 @@ class WaveSGD(WaveGuardMixin, torch.optim.SGD):
             self._init_group(group, params, grads, momentum_buffers)
             if not params:
                 continue
-            foreach, fused = self._paths(group, params)
-            sgd_functional(
-                params,
-                self._denoise(group, params, grads, foreach),
-                momentum_buffers,
-                has_sparse_grad=False,
-                foreach=foreach,
-                fused=fused,
-                grad_scale=None,
-                found_inf=None,
+            foreach, kernels = self._paths(group, params)
+            update = dict(
                 weight_decay=group["weight_decay"],
                 momentum=group["momentum"],
                 lr=group["lr"],
                 dampening=group["dampening"],
                 nesterov=group["nesterov"],
-                maximize=False,  # the history and the denoised gradient are already negated
             )
+            if kernels is not None:
+                histories, full = self._claim(group, params)
+                kernels.fused_wave_sgd_(params, grads, momentum_buffers, histories, full, **self._wave_args(group), **update)
+            else:
+                sgd_functional(
+                    params,
+                    self._denoise(group, params, grads, foreach),
+                    momentum_buffers,
+                    has_sparse_grad=False,
+                    foreach=foreach,
+                    fused=False,
+                    grad_scale=None,
+                    found_inf=None,
+                    maximize=False,  # the history and the denoised gradient are already negated
+                    **update,
+                )
             if group["momentum"] != 0:
                 for p, buffer in zip(params, momentum_buffers):
                     self.state[p]["momentum_buffer"] = buffer

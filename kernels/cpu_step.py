@@ -1,0 +1,609 @@
+"""The fused CPU step of WaveAdam and WaveSGD: record, filter and update in one pass.
+
+``fused_wave_adam_`` and ``fused_wave_sgd_`` take what ``record_and_filter`` and torch's
+functional ``adam`` / ``sgd`` take together, and do both: write the current gradient into the
+newest history slot, compute the folded filter of SPEC section 3 where the history is full,
+and apply torch's update to the result. Their pure-torch twin is
+``waveguard_optim.denoise.record_and_filter`` followed by ``torch.optim.adam.adam`` (or
+``torch.optim.sgd.sgd``) with ``maximize=False``.
+
+Two back ends, the same numbers (to float rounding):
+
+``"numba"`` (the optional extra ``cpu``: ``pip install 'waveguard-optim[cpu]'``)
+    One generated, vectorized kernel per (N, parameter and history dtypes, amsgrad or
+    momentum on) that reads and writes every element once (see
+    :mod:`waveguard_optim.kernels.cpu_numba`); the chunks of all tensors are split between
+    ``torch.get_num_threads()`` threads. It allocates nothing the size of a parameter. The
+    machine code is cached on disk (first use of a variant: a few seconds; later processes:
+    well under one).
+``"torch"``
+    The same math as ``torch._foreach_*`` calls, one cache-sized block of elements at a time
+    (flat slices of the tensors), so that the filter's temporaries take one block of memory.
+    No dependency beyond torch; used when numba is absent (slower: many small ops).
+
+Numbers: the torch back end performs the twin's operations; the numba kernel performs them in
+the same order with the same roundings (FMA where torch's CPU kernels use one, 16-bit values
+rounded where torch's tensor ops round them), so float32 results differ from the twin's only
+where torch's own CPU ``sqrt`` is not correctly rounded (by an ulp), and non-finite gradients
+give the twin's non-finite results. A ``grad_scale`` that is not a power of two (GradScaler's
+always are) is handled by the torch back end.
+
+``backend=None`` takes ``$WAVEGUARD_CPU_BACKEND`` if set, else numba when it imports, else
+torch. :func:`cpu_fused_available` says whether the numba kernel can be used.
+
+Non-contiguous tensors are processed through a contiguous copy that is written back (one
+tensor's worth of temporary memory each), complex tensors as their real view.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import threading
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from waveguard_optim.filter import filter_weights, fold_filter, threshold_scale_factor
+
+__all__ = ["fused_wave_adam_", "fused_wave_sgd_", "cpu_fused_available"]
+
+NUMBA_CHUNK = 1 << 15
+"""Elements per work item of the numba kernel."""
+MIN_ELEMENTS_PER_THREAD = 1 << 15
+"""Below this many elements per thread, fewer threads (a thread hand-off costs ~10-50 us)."""
+TORCH_BLOCK = 1 << 17
+"""Elements per block of the torch back end: its ~20 block-sized temporaries stay in L2/L3."""
+
+_KINDS = {torch.float32: "f32", torch.float64: "f64", torch.bfloat16: "bf16", torch.float16: "f16"}
+_BACKENDS = ("numba", "torch")
+
+_numba_lock = threading.Lock()
+_numba_state: dict[str, Any] = {}
+_broken_variants: set[tuple[Any, ...]] = set()
+
+
+def _numba_module() -> ModuleType | None:
+    """:mod:`cpu_numba` if numba imports (checked once), else None."""
+    with _numba_lock:
+        if "module" not in _numba_state:
+            try:
+                from waveguard_optim.kernels import cpu_numba
+            except ImportError:
+                cpu_numba = None
+            _numba_state["module"] = cpu_numba
+    return _numba_state["module"]
+
+
+def cpu_fused_available() -> bool:
+    """Whether the single-pass numba kernel can run (numba is installed and not disabled)."""
+    if os.environ.get("WAVEGUARD_CPU_BACKEND", "").lower() == "torch":
+        return False
+    return _numba_module() is not None
+
+
+def _resolve_backend(backend: str | None) -> str:
+    choice = (backend or os.environ.get("WAVEGUARD_CPU_BACKEND") or "").lower()
+    if not choice:
+        return "numba" if _numba_module() is not None else "torch"
+    if choice not in _BACKENDS:
+        raise ValueError(f"Invalid backend: {choice!r} (expected one of {_BACKENDS})")
+    if choice == "numba" and _numba_module() is None:
+        raise RuntimeError("The numba back end of the fused CPU step needs numba: pip install 'waveguard-optim[cpu]'")
+    return choice
+
+
+def _to_float(x: float | Tensor) -> float:
+    return float(x.item()) if isinstance(x, Tensor) else float(x)
+
+
+def _check(params: Sequence[Tensor], grads: Sequence[Tensor], histories: Sequence[Sequence[Tensor]]) -> None:
+    for p, g, h in zip(params, grads, histories):
+        if p.device.type != "cpu" or g.device.type != "cpu":
+            raise RuntimeError(f"The fused CPU step needs CPU tensors, got a parameter on {p.device}")
+        if g.is_sparse:
+            raise RuntimeError("The fused CPU step does not support sparse gradients")
+        real = p.dtype.to_real() if p.is_complex() else p.dtype
+        if real not in _KINDS:
+            raise RuntimeError(f"The fused CPU step supports float32, float64, bfloat16 and float16 parameters, got {p.dtype}")
+        if not h:
+            raise RuntimeError("Every parameter needs its history slots (oldest first)")
+
+
+def _real(t: Tensor) -> Tensor:
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
+class _Operands:
+    """Real, contiguous stand-ins of tensors; written ones are copied back by :meth:`finish`."""
+
+    def __init__(self) -> None:
+        self._write_back: list[tuple[Tensor, Tensor]] = []
+
+    def take(self, t: Tensor, *, written: bool, dtype: torch.dtype | None = None) -> Tensor:
+        t = _real(t)
+        if t.is_contiguous() and (dtype is None or t.dtype == dtype):
+            return t
+        tmp = t.to(dtype=dtype or t.dtype, memory_format=torch.contiguous_format, copy=True)
+        if written:
+            self._write_back.append((t, tmp))
+        return tmp
+
+    def row(self, p: Tensor, g: Tensor, state: list[Tensor], slots: list[Tensor], dtype: torch.dtype) -> list[Tensor]:
+        """A kernel's operands for one parameter: p, grad, state, slots (the last is written)."""
+        row = [p, g, *state, *slots]
+        if not p.is_complex() and g.dtype == dtype and all(t.is_contiguous() for t in row):
+            return row  # the common case, checked cheaply
+        last = len(row) - 1
+        return [self.take(t, written=k != 1 and (k < 2 + len(state) or k == last), dtype=dtype if k == 1 else None) for k, t in enumerate(row)]
+
+    def finish(self) -> None:
+        for t, tmp in self._write_back:
+            t.copy_(tmp)
+        self._write_back.clear()
+
+
+def _filter_constants(n: int, decay: float, threshold_scale: float) -> tuple[tuple[float, ...], tuple[float, ...], float, bool]:
+    """``(w, -u, tau factor, thresholding)`` for N. With kappa = 0, or delta = 1 (every u_i = 0),
+    the folded correction vanishes exactly and is skipped."""
+    w, u = filter_weights(n, decay)
+    threshold = threshold_scale != 0 and any(x != 0 for x in u[1:])
+    return w, tuple(-x for x in u), threshold_scale_factor(n, threshold_scale), threshold
+
+
+def _as_alpha(dtype: torch.dtype, value: float) -> float:
+    """A scalar as torch's CPU ``add`` uses it on a ``dtype`` tensor: ``alpha`` and added
+    scalars are first rounded to a 16-bit dtype (``mul``, ``div``, ``lerp``, ``addcmul`` and
+    ``addcdiv`` take theirs in float32)."""
+    if dtype in (torch.bfloat16, torch.float16):
+        return float(torch.tensor(value, dtype=torch.float64).to(dtype))
+    return value
+
+
+def _exact_reciprocal(scale: float | None) -> bool:
+    """Whether dividing by ``scale`` is multiplying by ``1 / scale`` exactly: a power of two
+    (GradScaler's scales always are). Other scales take the torch back end."""
+    return scale is None or (scale > 0 and math.isfinite(scale) and math.frexp(scale)[0] == 0.5)
+
+
+def _common_scalars(
+    scale: float | None, maximize: bool, constants: tuple[Any, ...], snr_gate: bool, pdtype: torch.dtype
+) -> list[float]:
+    """The kernels' first run-time scalars (see ``cpu_numba.generate``)."""
+    finfo = torch.finfo(_compute_dtype(pdtype))
+    sign = -1.0 if maximize else 1.0
+    return [
+        sign if scale is None else sign / scale,  # exact: the kernel is used for powers of two only
+        sign,
+        constants[2],  # kappa * sqrt(2 ln N) / 0.6745
+        finfo.smallest_normal * finfo.eps,  # the gate's floor under E_c + E_f, as in fold_filter
+        constants[3],  # thresholding on
+        bool(snr_gate),
+    ]
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _groups(params: Sequence[Tensor], grads: Sequence[Tensor], histories: Sequence[Sequence[Tensor]]) -> dict[tuple[Any, ...], list[int]]:
+    """Indices by (param dtype, history dtype, N); the history dtype is None where a parameter's
+    slots disagree (those go to the torch back end)."""
+    out: dict[tuple[Any, ...], list[int]] = {}
+    for i, (p, h) in enumerate(zip(params, histories)):
+        slot_dtypes = {s.dtype for s in h}
+        slot = _real(h[0]).dtype if len(slot_dtypes) == 1 and _real(h[0]).dtype in _KINDS else None
+        out.setdefault((_real(p).dtype, slot, len(h)), []).append(i)
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# The numba back end.
+
+
+def _short(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0][:200] if text else ''}"
+
+
+def _chunks(sizes: np.ndarray, chunk: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    counts = (sizes + chunk - 1) // chunk
+    owner = np.repeat(np.arange(len(sizes), dtype=np.int64), counts)
+    first_chunk = np.cumsum(counts) - counts
+    offset = (np.arange(int(counts.sum()), dtype=np.int64) - np.repeat(first_chunk, counts)) * chunk
+    length = np.minimum(chunk, sizes[owner] - offset)
+    return owner, offset, length
+
+
+_pool_lock = threading.Lock()
+_pool: dict[int, ThreadPoolExecutor] = {}
+
+
+def _workers(threads: int) -> ThreadPoolExecutor:
+    with _pool_lock:
+        pool = _pool.get(threads)
+        if pool is None:
+            pool = _pool[threads] = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="waveguard-cpu")
+    return pool
+
+
+def _run_numba(
+    algo: str,
+    with_state: bool,
+    pkind: str,
+    skind: str,
+    n: int,
+    columns: list[list[Tensor]],
+    full: list[bool],
+    first: list[bool],
+    step_size: list[float],
+    bc2_sqrt: list[float],
+    filter_constants: tuple[Any, ...],
+    scalars: list[float],
+) -> bool:
+    """Run one kernel over tensors whose operands are ``columns[t]`` (already real and
+    contiguous, in the kernel's column order), on ``torch.get_num_threads()`` threads.
+    False if this variant cannot be built here (the caller then uses the torch back end)."""
+    module = _numba_module()
+    key = (algo, n, pkind, skind, with_state)
+    if module is None or key in _broken_variants:
+        return False
+    try:
+        kernel = module.get_kernel(algo, n, pkind, skind, with_state)
+    except Exception as err:  # noqa: BLE001 - any failure to build a kernel means: use torch
+        _broken_variants.add(key)
+        warnings.warn(f"waveguard_optim: fused CPU kernel {key} unavailable ({_short(err)}); using the torch back end", stacklevel=3)
+        return False
+    sizes = np.fromiter((c[0].numel() for c in columns), dtype=np.int64, count=len(columns))
+    ptrs = np.array([[t.data_ptr() for t in c] for c in columns], dtype=np.int64)
+    owner, offset, length = _chunks(sizes, NUMBA_CHUNK)
+    w, neg_u = filter_constants[:2]
+    tail = (
+        np.array(full, dtype=np.uint8),
+        np.array(first, dtype=np.uint8),
+        np.array(step_size, dtype=np.float64),
+        np.array(bc2_sqrt, dtype=np.float64),
+        np.array(w, dtype=np.float64),
+        np.array(neg_u, dtype=np.float64),
+        np.array(scalars, dtype=np.float64),
+    )
+    total = int(length.sum())
+    threads = max(1, min(torch.get_num_threads(), len(owner), total // MIN_ELEMENTS_PER_THREAD))
+    if not kernel.signatures or threads == 1:  # the first call compiles: one thread, errors caught
+        try:
+            kernel(ptrs, owner, offset, length, 0, len(owner), *tail)
+        except Exception as err:  # noqa: BLE001
+            if kernel.signatures:
+                raise  # it compiled: a genuine error
+            _broken_variants.add(key)
+            warnings.warn(f"waveguard_optim: fused CPU kernel {key} failed to compile ({_short(err)}); using the torch back end", stacklevel=3)
+            return False
+        return True
+    # Contiguous ranges of chunks with about equal element counts, one per thread.
+    bounds = np.searchsorted(np.cumsum(length), [total * k // threads for k in range(1, threads)], side="right")
+    edges = [0, *bounds.tolist(), len(owner)]
+    pool = _workers(threads - 1)
+    futures = [pool.submit(kernel, ptrs, owner, offset, length, edges[k], edges[k + 1], *tail) for k in range(1, threads)]
+    kernel(ptrs, owner, offset, length, edges[0], edges[1], *tail)
+    for future in futures:
+        future.result()
+    return True
+
+
+# ---------------------------------------------------------------------------------------
+# The torch back end: the same math as foreach calls over cache-sized blocks.
+
+
+def _flat(t: Tensor, ops: _Operands, *, written: bool) -> Tensor:
+    return ops.take(t, written=written).view(-1)
+
+
+def _blocks(sizes: Sequence[int], block: int) -> list[list[tuple[int, int, int]]]:
+    """Pieces ``(tensor, start, end)`` grouped into blocks of about ``block`` elements."""
+    out: list[list[tuple[int, int, int]]] = []
+    current: list[tuple[int, int, int]] = []
+    room = block
+    for i, size in enumerate(sizes):
+        start = 0
+        while start < size:
+            end = min(size, start + room)
+            current.append((i, start, end))
+            room -= end - start
+            start = end
+            if room == 0:
+                out.append(current)
+                current, room = [], block
+    if current:
+        out.append(current)
+    return out
+
+
+def _mul_(tensors: list[Tensor], scalar: float) -> None:
+    """``t.mul_(scalar)`` for each: torch 2.13's ``_foreach_mul_`` rounds the scalar to a
+    16-bit tensor's dtype first, ``mul_`` (what torch's single-tensor Adam/SGD use) does not."""
+    for t in tensors:
+        t.mul_(scalar)
+
+
+def _torch_gradients(
+    block: list[tuple[int, int, int]],
+    flat_grads: list[Tensor],
+    flat_slots: list[list[Tensor]],
+    params: list[Tensor],
+    full: Sequence[bool],
+    *,
+    grad_scale: float | None,
+    maximize: bool,
+    filter_options: dict[str, Any],
+) -> list[Tensor]:
+    """Record the block's gradients into the newest slots and return what the update uses."""
+    g = [flat_grads[i][s:e] for i, s, e in block]
+    if grad_scale is not None:
+        g = torch._foreach_div(g, grad_scale)
+    if maximize:
+        g = torch._foreach_neg(g)
+    torch._foreach_copy_([flat_slots[i][-1][s:e] for i, s, e in block], g)
+    ready = [k for k, (i, _, _) in enumerate(block) if full[i]]
+    if not ready:
+        return g
+    out = list(g)
+    dtype = _compute_dtype(params[block[ready[0]][0]].dtype)
+    n = len(flat_slots[block[ready[0]][0]])
+    time_major = [[flat_slots[block[k][0]][j][block[k][1] : block[k][2]].to(dtype) for k in ready] for j in range(n)]
+    for k, g_hat in zip(ready, fold_filter(time_major, **filter_options)):
+        out[k] = g_hat.to(params[block[k][0]].dtype)
+    return out
+
+
+def _torch_adam(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    max_exp_avg_sqs: list[Tensor],
+    histories: list[list[Tensor]],
+    full: list[bool],
+    step_size: list[float],
+    bc2_sqrt: list[float],
+    *,
+    amsgrad: bool,
+    beta1: float,
+    beta2: float,
+    lr: float,
+    weight_decay: float,
+    eps: float,
+    decoupled: bool,
+    maximize: bool,
+    grad_scale: float | None,
+    filter_options: dict[str, Any],
+) -> None:
+    ops = _Operands()
+    fp = [_flat(t, ops, written=True) for t in params]
+    fg = [_flat(t, ops, written=False) for t in grads]
+    fm = [_flat(t, ops, written=True) for t in exp_avgs]
+    fv = [_flat(t, ops, written=True) for t in exp_avg_sqs]
+    fvm = [_flat(t, ops, written=True) for t in max_exp_avg_sqs] if amsgrad else []
+    fs = [[_flat(s, ops, written=j == len(h) - 1) for j, s in enumerate(h)] for h in histories]
+    real = [_real(p) for p in params]
+    for block in _blocks([t.numel() for t in fp], TORCH_BLOCK):
+        piece = lambda flat: [flat[i][s:e] for i, s, e in block]  # noqa: E731
+        gh = _torch_gradients(block, fg, fs, real, full, grad_scale=grad_scale, maximize=maximize, filter_options=filter_options)
+        P, M, V = piece(fp), piece(fm), piece(fv)
+        if weight_decay != 0:
+            if decoupled:
+                _mul_(P, 1 - lr * weight_decay)
+            else:
+                gh = torch._foreach_add(gh, P, alpha=weight_decay)
+        torch._foreach_lerp_(M, gh, 1 - beta1)
+        _mul_(V, beta2)
+        torch._foreach_addcmul_(V, gh, gh, value=1 - beta2)
+        if amsgrad:
+            VM = piece(fvm)
+            torch._foreach_maximum_(VM, V)
+            V = VM
+        denom = torch._foreach_sqrt(V)
+        torch._foreach_div_(denom, [bc2_sqrt[i] for i, _, _ in block])
+        torch._foreach_add_(denom, eps)
+        torch._foreach_addcdiv_(P, M, denom, [-step_size[i] for i, _, _ in block])
+    ops.finish()
+
+
+def _torch_sgd(
+    params: list[Tensor],
+    grads: list[Tensor],
+    buffers: list[Tensor],
+    first: list[bool],
+    histories: list[list[Tensor]],
+    full: list[bool],
+    *,
+    weight_decay: float,
+    momentum: float,
+    lr: float,
+    dampening: float,
+    nesterov: bool,
+    maximize: bool,
+    grad_scale: float | None,
+    filter_options: dict[str, Any],
+) -> None:
+    ops = _Operands()
+    fp = [_flat(t, ops, written=True) for t in params]
+    fg = [_flat(t, ops, written=False) for t in grads]
+    fb = [_flat(t, ops, written=True) for t in buffers] if momentum != 0 else []
+    fs = [[_flat(s, ops, written=j == len(h) - 1) for j, s in enumerate(h)] for h in histories]
+    real = [_real(p) for p in params]
+    for block in _blocks([t.numel() for t in fp], TORCH_BLOCK):
+        gh = _torch_gradients(block, fg, fs, real, full, grad_scale=grad_scale, maximize=maximize, filter_options=filter_options)
+        P = [fp[i][s:e] for i, s, e in block]
+        if weight_decay != 0:
+            gh = torch._foreach_add(gh, P, alpha=weight_decay)
+        if momentum != 0:
+            B = [fb[i][s:e] for i, s, e in block]
+            new = [k for k, (i, _, _) in enumerate(block) if first[i]]
+            old = [k for k, (i, _, _) in enumerate(block) if not first[i]]
+            if new:
+                torch._foreach_copy_([B[k] for k in new], [gh[k] for k in new])
+            if old:
+                _mul_([B[k] for k in old], momentum)
+                torch._foreach_add_([B[k] for k in old], [gh[k] for k in old], alpha=1 - dampening)
+            gh = torch._foreach_add(gh, B, alpha=momentum) if nesterov else B
+        torch._foreach_add_(P, gh, alpha=-lr)
+    ops.finish()
+
+
+# ---------------------------------------------------------------------------------------
+# Public entry points.
+
+
+def fused_wave_adam_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    max_exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    histories: list[list[Tensor]],
+    full: list[bool],
+    *,
+    decay: float,
+    threshold_scale: float,
+    snr_gate: bool,
+    amsgrad: bool,
+    beta1: float | Tensor,
+    beta2: float | Tensor,
+    lr: float | Tensor,
+    weight_decay: float,
+    eps: float,
+    maximize: bool,
+    decoupled_weight_decay: bool,
+    grad_scale: Tensor | None = None,
+    backend: str | None = None,
+) -> None:
+    """Record each gradient into ``histories[i][-1]``, filter where ``full[i]``, and take one
+    torch Adam step on the result (incrementing ``state_steps``). ``grads`` are not modified."""
+    if not params:
+        return
+    _check(params, grads, histories)
+    use = _resolve_backend(backend)
+    b1, b2, lr_, wd = _to_float(beta1), _to_float(beta2), _to_float(lr), _to_float(weight_decay)
+    scale = None if grad_scale is None else _to_float(grad_scale)
+    torch._foreach_add_(state_steps, 1)
+    step_size, bc2_sqrt = [], []
+    for step_t in state_steps:
+        step = step_t.item()
+        step_size.append(lr_ / (1 - b1**step))
+        bc2_sqrt.append((1 - b2**step) ** 0.5)
+    wd_mode = "none" if wd == 0 else ("decoupled" if decoupled_weight_decay else "l2")
+
+    for (pdtype, sdtype, n), members in _groups(params, grads, histories).items():
+        constants = _filter_constants(n, decay, threshold_scale)
+        options = dict(decay=decay, threshold_scale=threshold_scale, snr_gate=snr_gate)
+        if use == "numba" and sdtype is not None and _exact_reciprocal(scale):
+            ops = _Operands()
+            state = [exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if amsgrad else [])
+            columns = [
+                ops.row(params[i], grads[i], [s[i] for s in state], histories[i], pdtype) for i in members
+            ]
+            alpha = functools.partial(_as_alpha, pdtype)
+            scalars = _common_scalars(scale, maximize, constants, snr_gate, pdtype) + [
+                1 - b1,  # lerp weight
+                b2,
+                1 - b2,
+                alpha(eps),  # add_(eps)
+                alpha(wd),  # grad.add(param, alpha=weight_decay)
+                1 - lr_ * wd,
+                wd_mode == "l2",
+                wd_mode == "decoupled",
+                abs(1 - b1) < 0.5,  # which of torch's two lerp formulas
+            ]
+            ran = _run_numba(
+                "adam", amsgrad, _KINDS[pdtype], _KINDS[sdtype], n, columns,
+                [bool(full[i]) for i in members], [False] * len(members),
+                [step_size[i] for i in members], [bc2_sqrt[i] for i in members], constants, scalars,
+            )  # fmt: skip
+            if ran:
+                ops.finish()
+                continue
+        pick = lambda xs: [xs[i] for i in members]  # noqa: E731
+        _torch_adam(
+            pick(params), pick(grads), pick(exp_avgs), pick(exp_avg_sqs), pick(max_exp_avg_sqs) if amsgrad else [],
+            pick(histories), pick(full), pick(step_size), pick(bc2_sqrt),
+            amsgrad=amsgrad, beta1=b1, beta2=b2, lr=lr_, weight_decay=wd, eps=eps, decoupled=decoupled_weight_decay,
+            maximize=maximize, grad_scale=scale, filter_options=options,
+        )  # fmt: skip
+
+
+def fused_wave_sgd_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor | None],
+    histories: list[list[Tensor]],
+    full: list[bool],
+    *,
+    decay: float,
+    threshold_scale: float,
+    snr_gate: bool,
+    weight_decay: float | Tensor,
+    momentum: float,
+    lr: float | Tensor,
+    dampening: float,
+    nesterov: bool,
+    maximize: bool,
+    grad_scale: Tensor | None = None,
+    backend: str | None = None,
+) -> None:
+    """Record each gradient into ``histories[i][-1]``, filter where ``full[i]``, and take one
+    torch SGD step on the result. A ``None`` momentum buffer is created (as torch does: the
+    first update's gradient) and put into ``momentum_buffers`` in place."""
+    if not params:
+        return
+    _check(params, grads, histories)
+    use = _resolve_backend(backend)
+    lr_, wd, mom, damp = _to_float(lr), _to_float(weight_decay), float(momentum), float(dampening)
+    scale = None if grad_scale is None else _to_float(grad_scale)
+    first = [False] * len(params)
+    if mom != 0:
+        for i, buf in enumerate(momentum_buffers):
+            if buf is None:
+                momentum_buffers[i] = torch.empty_like(grads[i], memory_format=torch.preserve_format)
+                first[i] = True
+    buffers: list[Tensor] = momentum_buffers  # type: ignore[assignment]
+
+    for (pdtype, sdtype, n), members in _groups(params, grads, histories).items():
+        constants = _filter_constants(n, decay, threshold_scale)
+        options = dict(decay=decay, threshold_scale=threshold_scale, snr_gate=snr_gate)
+        if use == "numba" and sdtype is not None and _exact_reciprocal(scale):
+            ops = _Operands()
+            columns = [
+                ops.row(params[i], grads[i], [buffers[i]] if mom != 0 else [], histories[i], pdtype) for i in members
+            ]
+            alpha = functools.partial(_as_alpha, pdtype)
+            scalars = _common_scalars(scale, maximize, constants, snr_gate, pdtype) + [
+                alpha(wd),  # grad.add(param, alpha=weight_decay)
+                mom,  # buf.mul_(momentum)
+                alpha(1 - damp),  # buf.add_(grad, alpha=1 - dampening)
+                alpha(-lr_),  # param.add_(grad, alpha=-lr)
+                wd != 0,
+                nesterov,
+                alpha(mom),  # grad.add(buf, alpha=momentum)
+            ]
+            ran = _run_numba(
+                "sgd", mom != 0, _KINDS[pdtype], _KINDS[sdtype], n, columns,
+                [bool(full[i]) for i in members], [first[i] for i in members],
+                [0.0] * len(members), [0.0] * len(members), constants, scalars,
+            )  # fmt: skip
+            if ran:
+                ops.finish()
+                continue
+        pick = lambda xs: [xs[i] for i in members]  # noqa: E731
+        _torch_sgd(
+            pick(params), pick(grads), pick(buffers) if mom != 0 else [], pick(first), pick(histories), pick(full),
+            weight_decay=wd, momentum=mom, lr=lr_, dampening=damp, nesterov=nesterov, maximize=maximize,
+            grad_scale=scale, filter_options=options,
+        )  # fmt: skip
