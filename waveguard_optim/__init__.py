@@ -7,6 +7,8 @@ SNR gate, and the result averaged with recency weights.
 
 from .adam import WaveAdam
 from .sgd import WaveSGD
+from .stats import wave_stats
+from .wrap import WaveGuardHandle, wave_guard
 
-__all__ = ["WaveAdam", "WaveSGD"]
+__all__ = ["WaveAdam", "WaveSGD", "WaveGuardHandle", "wave_guard", "wave_stats"]
 __version__ = "0.1.0"

@@ -14,6 +14,7 @@ from .denoise import claim_histories, record_and_filter
 from .history import restore_history, split_checkpoint
 from .kernels import fused_backend
 from .options import WAVE_DEFAULTS, check_wave_options
+from .stats import wave_stats as _wave_stats
 
 # Device types whose fused kernel is the default (foreach=None, fused=None), where measured faster.
 DEFAULT_FUSED_DEVICES = frozenset({"cuda"})
@@ -59,6 +60,12 @@ class WaveGuardMixin(torch.optim.Optimizer):
         torch_part, wave_part = split_checkpoint(self.param_groups, state_dict, WAVE_DEFAULTS)
         super().load_state_dict(torch_part)
         restore_history(self.state, wave_part)
+
+    def wave_stats(self) -> list[dict[str, float]]:
+        """Per param group summaries of the filter's last step, as plain floats: ``filtered``,
+        ``gate``, ``threshold``, ``noise``, ``zeroed``, ``relative_change`` (see
+        :mod:`waveguard_optim.stats`). Recomputed from the history when called; steps track nothing."""
+        return _wave_stats(self)
 
     def _check_dense(self, group: dict[str, Any]) -> None:
         for p in group["params"]:

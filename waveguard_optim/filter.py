@@ -113,18 +113,23 @@ def _sum_of_squares(x: list[TensorList]) -> TensorList:
     return total
 
 
+def _gate(approx: list[TensorList], details: list[TensorList]) -> TensorList:
+    """gamma = E_f / (E_c + E_f) from the first Haar level (coarse energy by Parseval); 0 where both are 0."""
+    e_fine = _sum_of_squares(details)
+    total = torch._foreach_add(_sum_of_squares(approx), e_fine)
+    # total >= 0; raising an exact 0 to the smallest subnormal makes 0/0 -> 0 and changes nothing else.
+    finfo = torch.finfo(total[0].dtype)
+    torch._foreach_clamp_min_(total, finfo.smallest_normal * finfo.eps)
+    torch._foreach_div_(e_fine, total)
+    return e_fine
+
+
 def _tau(approx: list[TensorList], details: list[TensorList], *, scale: float, snr_gate: bool) -> TensorList:
-    """tau = kappa * gamma * T from the first Haar level (coarse energy by Parseval)."""
+    """tau = kappa * gamma * T from the first Haar level."""
     tau = _median([torch._foreach_abs(d) for d in details])
     torch._foreach_mul_(tau, scale)
     if snr_gate:
-        e_fine = _sum_of_squares(details)
-        total = torch._foreach_add(_sum_of_squares(approx), e_fine)
-        # total >= 0; raising an exact 0 to the smallest subnormal makes 0/0 -> 0 and changes nothing else.
-        finfo = torch.finfo(total[0].dtype)
-        torch._foreach_clamp_min_(total, finfo.smallest_normal * finfo.eps)
-        torch._foreach_div_(e_fine, total)
-        torch._foreach_mul_(tau, e_fine)
+        torch._foreach_mul_(tau, _gate(approx, details))
     return tau
 
 
