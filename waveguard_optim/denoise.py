@@ -90,7 +90,8 @@ def record_and_filter(
     if maximize:
         grads = torch._foreach_neg(grads) if foreach else [-g for g in grads]
     newest = [h[-1] for h in histories]
-    if foreach:
+    # DTensor (FSDP2) has no sharding rule for _foreach_copy_ (torch 2.13); the filter's other foreach ops have one.
+    if foreach and all(type(t) is Tensor for t in newest):
         torch._foreach_copy_(newest, grads)
     else:
         for slot, g in zip(newest, grads):

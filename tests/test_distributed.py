@@ -1,0 +1,182 @@
+"""WaveGuard under torch.distributed on CPU: gloo, 2 processes (spawn), loopback only.
+
+The history is per element, so data-parallel training needs no extra communication: each
+rank filters the already all-reduced (DDP) or reduce-scattered (FSDP2) gradient, and
+identical inputs on every rank give identical histories and updates. Oracle: one process
+running WaveAdam on the averaged gradient of the ranks' batches.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from waveguard_optim import WaveAdam, wave_guard
+
+pytestmark = pytest.mark.skipif(
+    not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with gloo is not available"
+)
+
+WORLD = 2
+STEPS = 10
+TIMEOUT_S = 50
+LR = 0.02
+WAVE = dict(buffer_size=4, decay=0.8)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn(fn, *args) -> None:
+    """Run ``fn(rank, *args)`` on WORLD spawned processes; fail (and kill them) after TIMEOUT_S."""
+    context = mp.start_processes(fn, args=args, nprocs=WORLD, join=False, start_method="spawn")
+    deadline = time.monotonic() + TIMEOUT_S
+    while not context.join(timeout=1):  # raises if a worker raised
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                if process.is_alive():
+                    process.kill()
+            pytest.fail(f"distributed workers did not finish within {TIMEOUT_S} s")
+
+
+def _init(rank: int, port: int) -> None:
+    if "lo" in {name for _, name in socket.if_nameindex()}:
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=WORLD,
+        timeout=datetime.timedelta(seconds=TIMEOUT_S - 10),
+    )
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(6, 10), torch.nn.Tanh(), torch.nn.Linear(10, 3))
+
+
+def _batch(step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1000 * step + rank)
+    return torch.randn(8, 6, generator=generator), torch.randn(8, 3, generator=generator)
+
+
+def _loss(model, step, rank):
+    x, y = _batch(step, rank)
+    return (model(x) - y).square().mean()
+
+
+def _make_optimizer(kind: str, params, foreach):
+    if kind == "waveadam":
+        return WaveAdam(params, lr=LR, weight_decay=0.1, decoupled_weight_decay=True, foreach=foreach, **WAVE)
+    opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.1, foreach=foreach)
+    wave_guard(opt, **WAVE)
+    return opt
+
+
+def single_process(foreach) -> list[torch.Tensor]:
+    """The oracle: WaveAdam on the mean of the ranks' gradients."""
+    model = _model()
+    opt = WaveAdam(model.parameters(), lr=LR, weight_decay=0.1, decoupled_weight_decay=True, foreach=foreach, **WAVE)
+    params = list(model.parameters())
+    for step in range(STEPS):
+        per_rank = [torch.autograd.grad(_loss(model, step, rank), params) for rank in range(WORLD)]
+        for p, grads in zip(params, zip(*per_rank)):
+            p.grad = torch.stack(grads).sum(0) / WORLD
+        opt.step()
+    return [p.detach() for p in params]
+
+
+# -- DDP -------------------------------------------------------------------------------------
+
+
+def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
+    _init(rank, port)
+    try:
+        results = {}
+        for kind in ("waveadam", "wrapped"):
+            for foreach in (False, True):
+                model = torch.nn.parallel.DistributedDataParallel(_model())
+                opt = _make_optimizer(kind, model.parameters(), foreach)
+                for step in range(STEPS):
+                    opt.zero_grad()
+                    _loss(model, step, rank).backward()
+                    opt.step()
+                results[(kind, foreach)] = [p.detach().clone() for p in model.parameters()]
+        torch.save(results, os.path.join(out_dir, f"ddp_rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_ranks_agree_with_single_process_on_mean_gradient(tmp_path):
+    _spawn(_ddp_worker, _free_port(), str(tmp_path))
+    ranks = [torch.load(tmp_path / f"ddp_rank{r}.pt") for r in range(WORLD)]
+    for key, params in ranks[0].items():
+        for other in ranks[1:]:
+            assert all(torch.equal(a, b) for a, b in zip(params, other[key])), key  # identical on every rank
+        expected = single_process(foreach=key[1])
+        for got, want in zip(params, expected):
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+
+
+# -- FSDP2 -----------------------------------------------------------------------------------
+
+
+def _fully_shard():
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:
+        return None
+    return fully_shard
+
+
+def _fsdp_worker(rank: int, port: int, out_dir: str) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor
+
+    fully_shard = _fully_shard()
+    _init(rank, port)
+    try:
+        mesh = init_device_mesh("cpu", (WORLD,))
+        results = {}
+        for kind in ("waveadam", "wrapped"):
+            for foreach in (False, True):
+                model = _model()
+                for layer in (model[0], model[2], model):
+                    fully_shard(layer, mesh=mesh)
+                opt = _make_optimizer(kind, model.parameters(), foreach)
+                for step in range(STEPS):
+                    opt.zero_grad()
+                    _loss(model, step, rank).backward()
+                    opt.step()
+                for p in model.parameters():  # sharded history: DTensors laid out like the parameter
+                    slot = opt.state[p]["wave_history_0"]
+                    assert isinstance(p, DTensor) and isinstance(slot, DTensor)
+                    assert slot.placements == p.placements and slot.to_local().shape == p.to_local().shape
+                    assert opt.state[p]["wave_count"] == STEPS
+                results[(kind, foreach)] = [p.full_tensor().detach().clone() for p in model.parameters()]
+        torch.save(results, os.path.join(out_dir, f"fsdp_rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(_fully_shard() is None, reason="torch.distributed.fsdp.fully_shard (FSDP2) is not available")
+def test_fsdp2_sharded_history_matches_unsharded(tmp_path):
+    _spawn(_fsdp_worker, _free_port(), str(tmp_path))
+    ranks = [torch.load(tmp_path / f"fsdp_rank{r}.pt") for r in range(WORLD)]
+    for key, params in ranks[0].items():
+        assert all(torch.equal(a, b) for a, b in zip(params, ranks[1][key])), key
+        expected = single_process(foreach=key[1])
+        for got, want in zip(params, expected):
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
