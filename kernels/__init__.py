@@ -4,7 +4,8 @@ Each backend module offers ``fused_wave_adam_`` and ``fused_wave_sgd_`` with the
 :func:`waveguard_optim.denoise.record_and_filter` plus the update's: one pass records the
 gradient, filters it and updates the parameter. :func:`fused_backend` picks the module for a
 device: Triton on CUDA (and on CPU tensors under ``TRITON_INTERPRET=1``, which is how CI
-tests it), the CPU step (``cpu_step``) on CPU.
+tests it), the CPU step (``cpu_step``) on CPU. :func:`fused_by_default` says where the
+optimizers take the kernel without being asked.
 """
 
 from __future__ import annotations
@@ -34,3 +35,17 @@ def fused_backend(device: torch.device) -> ModuleType | None:
 
         return cpu_step
     return None
+
+
+def fused_by_default(device: torch.device) -> bool:
+    """Whether ``foreach=None, fused=None`` means the fused kernel on ``device``: where
+    ``bench/step_time.py`` measured it faster than the eager paths. That is CUDA (Triton) and
+    the CPU with numba installed; the CPU step without numba (blocked torch ops) saves memory
+    but not time, so it runs only when asked for (``fused=True``)."""
+    if device.type == "cuda":
+        return True
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        from . import cpu_step
+
+        return cpu_step.cpu_fused_available()
+    return False

@@ -198,9 +198,11 @@ def _groups(params: Sequence[Tensor], grads: Sequence[Tensor], histories: Sequen
     slots disagree (those go to the torch back end)."""
     out: dict[tuple[Any, ...], list[int]] = {}
     for i, (p, h) in enumerate(zip(params, histories)):
-        slot_dtypes = {s.dtype for s in h}
-        slot = _real(h[0]).dtype if len(slot_dtypes) == 1 and _real(h[0]).dtype in _KINDS else None
-        out.setdefault((_real(p).dtype, slot, len(h)), []).append(i)
+        first = h[0].dtype
+        slot = first.to_real() if first.is_complex else first
+        if slot not in _KINDS or any(s.dtype != first for s in h):
+            slot = None
+        out.setdefault((p.dtype.to_real() if p.is_complex() else p.dtype, slot, len(h)), []).append(i)
     return out
 
 

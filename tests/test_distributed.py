@@ -106,7 +106,7 @@ def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
     try:
         results = {}
         for kind in ("waveadam", "wrapped"):
-            for foreach in (False, True):
+            for foreach in (None, False, True):  # None: the default path (the fused kernel where it runs)
                 model = torch.nn.parallel.DistributedDataParallel(_model())
                 opt = _make_optimizer(kind, model.parameters(), foreach)
                 for step in range(STEPS):
@@ -151,7 +151,7 @@ def _fsdp_worker(rank: int, port: int, out_dir: str) -> None:
         mesh = init_device_mesh("cpu", (WORLD,))
         results = {}
         for kind in ("waveadam", "wrapped"):
-            for foreach in (False, True):
+            for foreach in (None, False, True):  # None: the default path (the fused kernel where it runs)
                 model = _model()
                 for layer in (model[0], model[2], model):
                     fully_shard(layer, mesh=mesh)

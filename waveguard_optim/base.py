@@ -12,12 +12,9 @@ from torch import Tensor
 from ._compat import _get_foreach_kernels_supported_devices
 from .denoise import claim_histories, record_and_filter
 from .history import restore_history, split_checkpoint
-from .kernels import fused_backend
+from .kernels import fused_backend, fused_by_default
 from .options import WAVE_DEFAULTS, check_wave_options
 from .stats import wave_stats as _wave_stats
-
-# Device types whose fused kernel is the default (foreach=None, fused=None), where measured faster.
-DEFAULT_FUSED_DEVICES = frozenset({"cuda"})
 
 
 class WaveGuardMixin(torch.optim.Optimizer):
@@ -81,19 +78,21 @@ class WaveGuardMixin(torch.optim.Optimizer):
         """``(foreach, kernels)`` for this group: the eager path, or the fused kernel module to use.
 
         ``fused=True`` insists on a kernel; with neither option set, a kernel is used where one
-        runs (see ``DEFAULT_FUSED_DEVICES``) and otherwise torch's choice of foreach.
+        is measured faster (``kernels.fused_by_default``) and otherwise torch's choice of foreach.
         """
         foreach, fused = group["foreach"], group["fused"]
         device = params[0].device
-        if fused or (foreach is None and fused is None and device.type in DEFAULT_FUSED_DEVICES):
-            # Complex parameters take the eager path (torch's _init_group already refuses them for fused=True).
-            usable = all(p.device == device and not p.is_complex() for p in params)
+        if fused or (foreach is None and fused is None and fused_by_default(device)):
+            # Complex parameters and tensor subclasses (FSDP2's DTensor) take the eager path; torch's
+            # _init_group already refuses complex ones for fused=True.
+            usable = all(p.device == device and not p.is_complex() and type(p.data) is Tensor for p in params)
             kernels = fused_backend(device) if usable else None
             if kernels is not None or fused:
                 if kernels is None:
                     raise RuntimeError(
-                        f"{type(self).__name__}(fused=True) has no kernel for these {device.type} tensors: it needs "
-                        "all parameters of a group on one device, and triton on CUDA (pip install 'waveguard-optim[triton]')"
+                        f"{type(self).__name__}(fused=True) has no kernel for these {device.type} tensors: the "
+                        "parameters of a group must be real, plain tensors on one device, and CUDA needs triton "
+                        "(pip install 'waveguard-optim[triton]')"
                     )
                 return False, kernels
         if foreach is None:

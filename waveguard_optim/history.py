@@ -20,8 +20,11 @@ COUNT_KEY = "wave_count"
 _SLOT_PREFIX = "wave_history_"
 
 
+_SLOT_KEYS = tuple(f"{_SLOT_PREFIX}{i}" for i in range(64))  # N <= 64 (options.py); built once: steps look them up
+
+
 def slot_key(i: int) -> str:
-    return f"{_SLOT_PREFIX}{i}"
+    return _SLOT_KEYS[i]
 
 
 def is_wave_key(key: Any) -> bool:
@@ -46,8 +49,9 @@ def claim_slot(state: dict[str, Any], p: Tensor, buffer_size: int, buffer_dtype:
 
 def time_ordered(state: Mapping[str, Any], buffer_size: int) -> list[Tensor]:
     """The last ``buffer_size`` recorded gradients, oldest first (references, no copies)."""
-    count = state[COUNT_KEY]
-    return [state[slot_key((count + j) % buffer_size)] for j in range(buffer_size)]
+    count = state[COUNT_KEY] % buffer_size
+    keys = _SLOT_KEYS[:buffer_size]
+    return [state[k] for k in keys[count:] + keys[:count]]
 
 
 def _history_problem(wave: Mapping[str, Any], p: Tensor, buffer_size: int) -> str | None:
