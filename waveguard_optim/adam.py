@@ -9,7 +9,6 @@ from torch import Tensor
 
 from ._compat import _use_grad_for_differentiable, adam_functional
 from .base import WaveGuardMixin
-from .options import check_wave_options
 
 
 class WaveAdam(WaveGuardMixin, torch.optim.Adam):
@@ -48,12 +47,10 @@ class WaveAdam(WaveGuardMixin, torch.optim.Adam):
         snr_gate: bool = True,
         buffer_dtype: torch.dtype | None = None,
     ) -> None:
-        wave = dict(
-            buffer_size=buffer_size, decay=decay, threshold_scale=threshold_scale, snr_gate=snr_gate, buffer_dtype=buffer_dtype
-        )
-        check_wave_options(wave)
-        if differentiable:
-            raise ValueError("Invalid differentiable: True (the gradient history is not differentiable)")
+        wave = self._checked_wave_options(
+            differentiable,
+            buffer_size=buffer_size, decay=decay, threshold_scale=threshold_scale, snr_gate=snr_gate, buffer_dtype=buffer_dtype,
+        )  # fmt: skip
         super().__init__(
             params,
             lr=lr,

@@ -24,6 +24,14 @@ class WaveGuardMixin(torch.optim.Optimizer):
     then calls :meth:`_adopt_wave_options`.
     """
 
+    @staticmethod
+    def _checked_wave_options(differentiable: bool, **options: Any) -> dict[str, Any]:
+        """The wave keywords, validated before torch's constructor creates any state."""
+        check_wave_options(options)
+        if differentiable:
+            raise ValueError("Invalid differentiable: True (the gradient history is not differentiable)")
+        return options
+
     def _adopt_wave_options(self, options: dict[str, Any]) -> None:
         self.defaults.update(options)
         for group in self.param_groups:
