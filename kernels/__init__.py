@@ -40,12 +40,9 @@ def fused_backend(device: torch.device) -> ModuleType | None:
 def fused_by_default(device: torch.device) -> bool:
     """Whether ``foreach=None, fused=None`` means the fused kernel on ``device``: where
     ``bench/step_time.py`` measured it faster than the eager paths. That is CUDA (Triton) and
-    the CPU with numba installed; the CPU step without numba (blocked torch ops) saves memory
-    but not time, so it runs only when asked for (``fused=True``)."""
+    the CPU, with numba (a single pass, ~25x faster than the eager paths at 10M parameters) or
+    without it (the same math as torch ops over cache-sized blocks: as fast as the eager
+    paths at 1M parameters, 2.5x faster at 10M, and no parameter-sized temporaries)."""
     if device.type == "cuda":
         return True
-    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        from . import cpu_step
-
-        return cpu_step.cpu_fused_available()
-    return False
+    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1"

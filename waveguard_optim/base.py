@@ -16,6 +16,9 @@ from .kernels import fused_backend, fused_by_default
 from .options import WAVE_DEFAULTS, check_wave_options
 from .stats import wave_stats as _wave_stats
 
+# What the kernels take: a sharded parameter (FSDP2's DTensor) is its own tensor subclass.
+_PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
+
 
 class WaveGuardMixin(torch.optim.Optimizer):
     """Mixed in before a torch optimizer class: ``class WaveAdam(WaveGuardMixin, Adam)``.
@@ -93,7 +96,7 @@ class WaveGuardMixin(torch.optim.Optimizer):
         if fused or (foreach is None and fused is None and fused_by_default(device)):
             # Complex parameters and tensor subclasses (FSDP2's DTensor) take the eager path; torch's
             # _init_group already refuses complex ones for fused=True.
-            usable = all(p.device == device and not p.is_complex() and type(p.data) is Tensor for p in params)
+            usable = all(type(p) in _PLAIN_TENSORS and p.device == device and not p.is_complex() for p in params)
             kernels = fused_backend(device) if usable else None
             if kernels is not None or fused:
                 if kernels is None:
