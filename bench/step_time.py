@@ -23,7 +23,8 @@ first step of the fused CPU kernel in fresh processes, with a cold and a warm ke
 
 Contenders (those that cannot run here are left out):
 ``torch fused`` / ``torch foreach``: torch.optim.Adam / SGD.
-``wave foreach``: WaveAdam(foreach=True), the eager multi-tensor filter and torch's foreach update.
+``wave single`` / ``wave foreach``: WaveAdam(foreach=False / True), the eager single- and
+multi-tensor filter with torch's single-tensor / foreach update.
 ``wave fused``: WaveAdam(fused=True), whatever the optimizer dispatches to on this device.
 ``wave cpu:numba`` / ``wave cpu:torch``: ``waveguard_optim.kernels.cpu_step`` called directly
 with ``backend=`` numba or torch, history claimed as the optimizer does.
@@ -136,6 +137,7 @@ def contenders(algo: str, params: list[torch.Tensor], device: str, wave: dict[st
 
     add("torch fused", lambda: torch_cls(params, fused=True, **hyper).step)
     add("torch foreach", lambda: torch_cls(params, foreach=True, **hyper).step)
+    add("wave single", lambda: wave_cls(params, foreach=False, **wave, **hyper).step)
     add("wave foreach", lambda: wave_cls(params, foreach=True, **wave, **hyper).step)
     add("wave fused", lambda: wave_cls(params, fused=True, **wave, **hyper).step)
     if device == "cpu":
@@ -288,7 +290,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sizes", default="1e6,1e7,5e7", help="parameter counts, comma separated")
     parser.add_argument("--layouts", default="model,single", help="model (146 tensors) and/or single (one tensor)")
     parser.add_argument("--algos", default="adam,sgd")
-    parser.add_argument("--paths", default="torch fused,torch foreach,wave foreach,wave fused,wave cpu:numba,wave cpu:torch")
+    parser.add_argument("--paths", default="torch fused,torch foreach,wave single,wave foreach,wave fused,wave cpu:numba,wave cpu:torch")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (the CPU kernel uses as many)")
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--buffer-size", type=int, default=8)
