@@ -706,10 +706,12 @@ def fused_wave_sgd_(
     if not params:
         return
     name = "fused_wave_sgd_"
-    device = _check(name, params, grads, histories, full, momentum_buffers=momentum_buffers)
+    has_momentum = _nonzero(momentum)
+    # torch's SGD._init_group collects no buffers at all when momentum is 0.
+    buffers = dict(momentum_buffers=momentum_buffers) if has_momentum else {}
+    device = _check(name, params, grads, histories, full, **buffers)
     hyper = _hyper([lr, momentum, dampening, weight_decay], device)
     scale = _scale(grad_scale, device)
-    has_momentum = _nonzero(momentum)
 
     launches: dict[tuple[Any, ...], _Launch] = {}
     for i, p in enumerate(params):

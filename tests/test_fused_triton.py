@@ -399,6 +399,38 @@ def test_first_momentum_buffer_replaces_none_in_place() -> None:
     torch.testing.assert_close(buffers[0], g)  # torch: buf = d_p.clone() on the first step, no dampening
 
 
+OPTIMIZER_CASES = [
+    ("adam", dict(lr=0.01)),
+    ("adam", dict(lr=0.01, amsgrad=True, weight_decay=0.1, decoupled_weight_decay=True, maximize=True)),
+    ("sgd", dict(lr=0.05)),  # momentum 0: torch's _init_group hands over no buffers at all
+    ("sgd", dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01)),
+]
+
+
+@needs_interpreter
+@pytest.mark.parametrize("kind,options", OPTIMIZER_CASES)
+def test_optimizer_fused_matches_foreach_under_interpreter(kind: str, options: dict[str, Any]) -> None:
+    """WaveAdam/WaveSGD(fused=True) through the optimizer (the CUDA default) against foreach=True."""
+    from waveguard_optim import WaveAdam, WaveSGD
+
+    cls = WaveAdam if kind == "adam" else WaveSGD
+    torch.manual_seed(0)
+    start = [torch.randn(37), torch.randn(5, 3)]
+    runs = []
+    for path in (dict(fused=True), dict(foreach=True)):
+        params = [torch.nn.Parameter(t.clone()) for t in start]
+        opt = cls(params, buffer_size=4, **options, **path)
+        generator = torch.Generator().manual_seed(1)
+        for _ in range(9):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=generator)
+            opt.step()
+        runs.append(params)
+    for fused, eager in zip(*runs):
+        rtol, atol = TOLERANCES[torch.float32]
+        torch.testing.assert_close(fused, eager, rtol=rtol, atol=atol)
+
+
 @needs_interpreter
 def test_refusals() -> None:
     def call(params, grads):
