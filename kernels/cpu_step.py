@@ -94,7 +94,7 @@ def _resolve_backend(backend: str | None) -> str:
     if not choice:
         return "numba" if _numba_module() is not None else "torch"
     if choice not in _BACKENDS:
-        raise ValueError(f"Invalid backend: {choice!r} (expected one of {_BACKENDS})")
+        raise ValueError(f"Invalid backend or WAVEGUARD_CPU_BACKEND: {choice!r} (expected one of {_BACKENDS})")
     if choice == "numba" and _numba_module() is None:
         raise RuntimeError("The numba back end of the fused CPU step needs numba: pip install 'waveguard-optim[cpu]'")
     return choice

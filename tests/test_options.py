@@ -22,6 +22,7 @@ INVALID_WAVE = [
     ("buffer_dtype", torch.int8),
     ("buffer_dtype", torch.complex64),
     ("buffer_dtype", "bfloat16"),
+    ("buffer_dtype", torch.float8_e4m3fn),  # no path stores float8
 ]
 
 
@@ -74,3 +75,33 @@ def test_defaults_carry_every_option():
     torch_opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(2))])
     assert set(opt.defaults) == set(torch_opt.defaults) | {"buffer_size", "decay", "threshold_scale", "snr_gate", "buffer_dtype"}
     assert set(opt.param_groups[0]) == set(opt.defaults) | {"params"}
+
+
+@pytest.mark.parametrize("new_size", [2, 8])
+@pytest.mark.parametrize("path", [dict(foreach=False), dict(foreach=True), dict(fused=True)])
+def test_buffer_size_edited_after_history_exists_is_refused_untouched(new_size, path):
+    p = torch.nn.Parameter(torch.randn(5))
+    opt = WaveAdam([p], buffer_size=4, **path)
+    for _ in range(3):
+        p.grad = torch.randn(5)
+        opt.step()
+    before = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in opt.state[p].items()}
+    opt.param_groups[0]["buffer_size"] = new_size
+    with pytest.raises(ValueError, match="buffer_size"):
+        opt.step()
+    assert opt.state[p].keys() == before.keys()
+    for key, value in before.items():
+        assert opt.state[p][key] == value if key == "wave_count" else torch.equal(opt.state[p][key], value), key
+
+
+def test_failed_fused_step_leaves_the_wave_state_untouched(monkeypatch):
+    p = torch.nn.Parameter(torch.randn(5))
+    opt = WaveSGD([p], lr=0.1, buffer_size=2, fused=True)
+    p.grad = torch.randn(5)
+    opt.step()
+    history = opt.state[p]["wave_history_0"].clone()
+    monkeypatch.setenv("WAVEGUARD_CPU_BACKEND", "no-such-backend")  # the CPU kernel refuses it
+    with pytest.raises(ValueError, match="no-such-backend"):
+        opt.step()
+    assert opt.state[p]["wave_count"] == 1 and torch.equal(opt.state[p]["wave_history_0"], history)
+    assert "wave_history_1" in opt.state[p] and not opt.state[p]["wave_history_1"].any()

@@ -101,11 +101,10 @@ class WaveAdam(WaveGuardMixin, torch.optim.Adam):
                 decoupled_weight_decay=group["decoupled_weight_decay"],
             )
             if kernels is not None:
-                histories, full = self._claim(group, params)
-                kernels.fused_wave_adam_(
+                self._fused_step(group, params, lambda histories, full: kernels.fused_wave_adam_(
                     params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, histories, full,
                     **self._wave_args(group), **update,
-                )  # fmt: skip
+                ))  # fmt: skip
                 continue
             adam_functional(
                 params,

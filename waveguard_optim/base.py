@@ -4,6 +4,7 @@ in every param group, checkpoint handling, and the choice of code path."""
 from __future__ import annotations
 
 from types import ModuleType
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -114,6 +115,21 @@ class WaveGuardMixin(torch.optim.Optimizer):
         return claim_histories(
             params, [self.state[p] for p in params], buffer_size=group["buffer_size"], buffer_dtype=group["buffer_dtype"]
         )
+
+    def _fused_step(self, group: dict[str, Any], params: list[Tensor], run: Callable[[list[list[Tensor]], list[bool]], None]) -> None:
+        """Claim the ring slots and ``run(histories, full)`` the kernel. A kernel refuses what it
+        cannot take (a dtype, a missing back end) before it writes anything; the claims are
+        then undone, so a failed step leaves the wave state as it was."""
+        states = [self.state[p] for p in params]
+        before = [dict(st) for st in states]  # shallow: only the keys and the Python int count
+        histories, full = self._claim(group, params)
+        try:
+            run(histories, full)
+        except Exception:
+            for st, old in zip(states, before):
+                st.clear()
+                st.update(old)
+            raise
 
     def _wave_args(self, group: dict[str, Any]) -> dict[str, Any]:
         """The keyword arguments that ``record_and_filter`` and the fused kernels share."""

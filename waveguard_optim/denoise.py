@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .filter import fold_filter
-from .history import claim_slot, time_ordered
+from .history import check_ring_size, claim_slot, time_ordered
 
 
 def _compute_dtype(p: Tensor) -> torch.dtype:
@@ -62,6 +62,8 @@ def claim_histories(
     Returns, per parameter, its slots oldest first (the last one is where the current
     gradient must be written) and whether the history is full, i.e. the filter applies.
     """
+    for s in states:
+        check_ring_size(s, buffer_size)
     full = [claim_slot(s, p, buffer_size, buffer_dtype)[1] for s, p in zip(states, params)]
     return [time_ordered(s, buffer_size) for s in states], full
 

@@ -31,6 +31,21 @@ def is_wave_key(key: Any) -> bool:
     return isinstance(key, str) and (key == COUNT_KEY or key.startswith(_SLOT_PREFIX))
 
 
+def check_ring_size(state: Mapping[str, Any], buffer_size: int) -> None:
+    """Refuse, before anything changes, a ``buffer_size`` other than the existing history's
+    (a group's option edited, or a wrap re-attached with another size)."""
+    if COUNT_KEY not in state:
+        return
+    last, beyond = slot_key(buffer_size - 1), buffer_size < len(_SLOT_KEYS) and slot_key(buffer_size) in state
+    if last in state and not beyond:
+        return
+    held = sum(1 for key in _SLOT_KEYS if key in state)
+    raise ValueError(
+        f"Invalid buffer_size: {buffer_size} (a parameter's history holds {held} gradients; to change "
+        "buffer_size, delete its wave_history_* and wave_count state first)"
+    )
+
+
 def claim_slot(state: dict[str, Any], p: Tensor, buffer_size: int, buffer_dtype: torch.dtype | None) -> tuple[Tensor, bool]:
     """The slot the current gradient goes to, and whether the history is then full.
 

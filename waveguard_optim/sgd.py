@@ -83,8 +83,9 @@ class WaveSGD(WaveGuardMixin, torch.optim.SGD):
                 nesterov=group["nesterov"],
             )
             if kernels is not None:
-                histories, full = self._claim(group, params)
-                kernels.fused_wave_sgd_(params, grads, momentum_buffers, histories, full, **self._wave_args(group), **update)
+                self._fused_step(group, params, lambda histories, full: kernels.fused_wave_sgd_(
+                    params, grads, momentum_buffers, histories, full, **self._wave_args(group), **update
+                ))  # fmt: skip
             else:
                 sgd_functional(
                     params,
