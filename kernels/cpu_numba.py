@@ -130,8 +130,7 @@ def _min_max_intrinsic(llvm_name: str) -> Callable[..., Any]:
     return min_or_max
 
 
-# NaN-propagating, like torch.minimum / torch.maximum (and cheap for numba to type).
-fmin = _min_max_intrinsic("llvm.minimum")
+# NaN-propagating, like torch.maximum (and cheap for numba to type): amsgrad's max.
 fmax = _min_max_intrinsic("llvm.maximum")
 
 
@@ -176,7 +175,6 @@ def ffma(typingctx, a, b, c):  # noqa: ARG001
 # ---------------------------------------------------------------------------------------
 # Storage kinds: how to point at, load, store and round-trip one element.
 
-KINDS = ("f32", "f64", "bf16", "f16")
 ITEMSIZE = {"f32": 4, "f64": 8, "bf16": 2, "f16": 2}
 _POINTER = {"f32": "ptr_f32", "f64": "ptr_f64", "bf16": "ptr_u16", "f16": "ptr_u16"}
 
@@ -384,7 +382,7 @@ def generate(algo: str, n: int, pkind: str, skind: str, with_state: bool) -> str
     emit("from numba import carray, njit")
     emit("")
     emit("from waveguard_optim.kernels.cpu_numba import (")
-    emit("    bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16, ffma, fmax, fmin, ptr_f32, ptr_f64, ptr_u16, smax, smin,")
+    emit("    bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16, ffma, fmax, ptr_f32, ptr_f64, ptr_u16, smax, smin,")
     emit(")")
     emit("")
     emit(f"ct = {_ctor(c)}")

@@ -2,7 +2,6 @@
 
 from torch.optim.adam import adam as adam_functional
 from torch.optim.optimizer import (
-    _default_to_fused_or_foreach,
     _get_foreach_kernels_supported_devices,
     _use_grad_for_differentiable,
 )
@@ -11,7 +10,6 @@ from torch.optim.sgd import sgd as sgd_functional
 __all__ = [
     "adam_functional",
     "sgd_functional",
-    "_default_to_fused_or_foreach",
     "_get_foreach_kernels_supported_devices",
     "_use_grad_for_differentiable",
 ]

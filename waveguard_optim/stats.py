@@ -42,9 +42,8 @@ from .filter import _gate, _haar_level, _median, _tau, fold_filter, threshold_sc
 from .history import COUNT_KEY, time_ordered
 from .reference import MAD_TO_SIGMA
 
-__all__ = ["wave_stats", "STAT_NAMES"]
+__all__ = ["wave_stats"]
 
-STAT_NAMES = ("filtered", "gate", "threshold", "noise", "zeroed", "relative_change")
 
 # Accumulated per device as float64: elements, filtered elements, sum gamma, sum tau,
 # sum sigma, zeroed details, ||g_hat - g||^2, ||g||^2.
