@@ -51,7 +51,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from waveguard_optim.filter import filter_weights, fold_filter, threshold_scale_factor
+from waveguard_optim.filter import compute_dtype, filter_weights, fold_filter, threshold_scale_factor
 
 __all__ = ["fused_wave_adam_", "fused_wave_sgd_", "cpu_fused_available"]
 
@@ -177,7 +177,7 @@ def _common_scalars(
     scale: float | None, maximize: bool, constants: tuple[Any, ...], snr_gate: bool, pdtype: torch.dtype
 ) -> list[float]:
     """The kernels' first run-time scalars (see ``cpu_numba.generate``)."""
-    finfo = torch.finfo(_compute_dtype(pdtype))
+    finfo = torch.finfo(compute_dtype(pdtype))
     sign = -1.0 if maximize else 1.0
     return [
         sign if scale is None else sign / scale,  # exact: the kernel is used for powers of two only
@@ -187,10 +187,6 @@ def _common_scalars(
         constants[3],  # thresholding on
         bool(snr_gate),
     ]
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _groups(params: Sequence[Tensor], grads: Sequence[Tensor], histories: Sequence[Sequence[Tensor]]) -> dict[tuple[Any, ...], list[int]]:
@@ -356,7 +352,7 @@ def _torch_gradients(
     if not ready:
         return g
     out = list(g)
-    dtype = _compute_dtype(params[block[ready[0]][0]].dtype)
+    dtype = compute_dtype(params[block[ready[0]][0]].dtype)
     n = len(flat_slots[block[ready[0]][0]])
     time_major = [[flat_slots[block[k][0]][j][block[k][1] : block[k][2]].to(dtype) for k in ready] for j in range(n)]
     for k, g_hat in zip(ready, fold_filter(time_major, **filter_options)):

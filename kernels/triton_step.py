@@ -44,7 +44,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from waveguard_optim.filter import filter_weights, median_network, threshold_scale_factor
+from waveguard_optim.filter import compute_dtype, filter_weights, median_network, threshold_scale_factor
 
 try:
     import triton
@@ -379,10 +379,6 @@ def _launch_config(buffer_size: int, fp64: bool) -> tuple[int, int]:
 # --- host side -----------------------------------------------------------------------------
 
 
-def _compute_dtype(p: Tensor) -> torch.dtype:
-    return torch.float64 if p.dtype == torch.float64 else torch.float32
-
-
 def _dense(t: Tensor) -> bool:
     """Non-overlapping and dense: the elements fill ``[data_ptr, data_ptr + numel)``."""
     expected = 1
@@ -643,7 +639,7 @@ def fused_wave_adam_(
                 _tl_dtype(name, t)
                 for t in (p, grads[i], exp_avgs[i], exp_avg_sqs[i], max_exp_avg_sq if amsgrad else p, step, slots[-1])
             ),
-            tl.float64 if _compute_dtype(p) == torch.float64 else tl.float32,
+            tl.float64 if compute_dtype(p.dtype) == torch.float64 else tl.float32,
         )
         launch = launches.get(key)
         if launch is None:
@@ -726,7 +722,7 @@ def fused_wave_sgd_(
             len(slots),
             bool(full[i]),
             *(_tl_dtype(name, t) for t in (p, grads[i], p if buf is None else buf, slots[-1])),
-            tl.float64 if _compute_dtype(p) == torch.float64 else tl.float32,
+            tl.float64 if compute_dtype(p.dtype) == torch.float64 else tl.float32,
             first,
         )
         launch = launches.get(key)

@@ -1,5 +1,6 @@
 """The one place that imports torch's private optimizer helpers (they move between releases)."""
 
+from torch import Tensor
 from torch.optim.adam import adam as adam_functional
 from torch.optim.optimizer import (
     _get_foreach_kernels_supported_devices,
@@ -7,9 +8,16 @@ from torch.optim.optimizer import (
 )
 from torch.optim.sgd import sgd as sgd_functional
 
+
+def default_foreach(params: list[Tensor]) -> bool:
+    """torch's meaning of ``foreach=None``: the multi-tensor path where torch has foreach kernels."""
+    devices = _get_foreach_kernels_supported_devices()
+    return all(p.device.type in devices for p in params)
+
+
 __all__ = [
     "adam_functional",
     "sgd_functional",
-    "_get_foreach_kernels_supported_devices",
+    "default_foreach",
     "_use_grad_for_differentiable",
 ]

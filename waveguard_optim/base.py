@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._compat import _get_foreach_kernels_supported_devices
+from ._compat import default_foreach
 from .denoise import claim_histories, record_and_filter
 from .history import restore_history, split_checkpoint
 from .kernels import fused_backend, fused_by_default
@@ -108,7 +108,7 @@ class WaveGuardMixin(torch.optim.Optimizer):
                     )
                 return False, kernels
         if foreach is None:
-            foreach = all(p.device.type in _get_foreach_kernels_supported_devices() for p in params)
+            foreach = default_foreach(params)
         return bool(foreach), None
 
     def _claim(self, group: dict[str, Any], params: list[Tensor]) -> tuple[list[list[Tensor]], list[bool]]:

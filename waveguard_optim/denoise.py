@@ -14,13 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .filter import fold_filter
+from .filter import compute_dtype, fold_filter
 from .history import check_ring_size, claim_slot, time_ordered
-
-
-def _compute_dtype(p: Tensor) -> torch.dtype:
-    """float64 arithmetic for float64 (and complex128) parameters, float32 for everything else."""
-    return torch.float64 if p.dtype in (torch.float64, torch.complex128) else torch.float32
 
 
 def _to_compute(t: Tensor, dtype: torch.dtype) -> Tensor:
@@ -36,7 +31,7 @@ def _from_compute(x: Tensor, p: Tensor) -> Tensor:
 def _single_tensor_filter(params: list[Tensor], slots: list[list[Tensor]], options: dict[str, Any]) -> list[Tensor]:
     out = []
     for p, history in zip(params, slots):
-        dtype = _compute_dtype(p)
+        dtype = compute_dtype(p.dtype)
         (g_hat,) = fold_filter([[_to_compute(b, dtype)] for b in history], **options)
         out.append(_from_compute(g_hat, p))
     return out
@@ -45,7 +40,7 @@ def _single_tensor_filter(params: list[Tensor], slots: list[list[Tensor]], optio
 def _multi_tensor_filter(params: list[Tensor], slots: list[list[Tensor]], options: dict[str, Any]) -> list[Tensor]:
     buckets: dict[tuple[torch.device, torch.dtype], list[int]] = {}
     for i, p in enumerate(params):
-        buckets.setdefault((p.device, _compute_dtype(p)), []).append(i)
+        buckets.setdefault((p.device, compute_dtype(p.dtype)), []).append(i)
     out: list[Tensor] = [None] * len(params)  # type: ignore[list-item]
     for (_, dtype), members in buckets.items():
         time_major = [[_to_compute(slots[i][j], dtype) for i in members] for j in range(len(slots[members[0]]))]

@@ -28,6 +28,12 @@ _SQRT_HALF = math.sqrt(0.5)
 
 
 @functools.lru_cache(maxsize=None)
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The filter's arithmetic dtype (SPEC section 3): float64 for float64 (and complex128)
+    parameters, float32 for every other parameter dtype."""
+    return torch.float64 if dtype in (torch.float64, torch.complex128) else torch.float32
+
+
 def filter_weights(buffer_size: int, decay: float) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """``(w, u)`` as Python floats computed in float64: the recency weights and ``u = Haar(w)``."""
     w = recency_weights(buffer_size, decay)

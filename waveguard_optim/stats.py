@@ -37,8 +37,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .denoise import _compute_dtype, _to_compute
-from .filter import _gate, _haar_level, _median, _tau, fold_filter, threshold_scale_factor
+from .denoise import _to_compute
+from .filter import _gate, compute_dtype, _haar_level, _median, _tau, fold_filter, threshold_scale_factor
 from .history import COUNT_KEY, time_ordered
 from .reference import MAD_TO_SIGMA
 
@@ -58,7 +58,7 @@ def _local(t: Tensor) -> Tensor:
 
 def _param_sums(state: dict[str, Any], p: Tensor, group: dict[str, Any]) -> Tensor:
     n = group["buffer_size"]
-    dtype = _compute_dtype(p)
+    dtype = compute_dtype(p.dtype)
     slots = [[_to_compute(_local(b), dtype)] for b in time_ordered(state, n)]
     (g,) = slots[-1]
     zero = g.new_zeros((), dtype=torch.float64)

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
-from ._compat import _get_foreach_kernels_supported_devices
+from ._compat import default_foreach
 from .base import WaveGuardMixin
 from .denoise import claim_histories, record_and_filter
 from .history import COUNT_KEY, restore_history, split_checkpoint
@@ -53,10 +53,7 @@ def _use_foreach(group: dict[str, Any], params: list[Tensor]) -> bool:
     """The eager filter path for this group: the group's ``foreach`` if set, else the multi-tensor
     path where torch has foreach kernels (WaveAdam/WaveSGD's rule when they run no fused kernel)."""
     foreach = group.get("foreach")
-    if foreach is None:
-        devices = _get_foreach_kernels_supported_devices()
-        return all(p.device.type in devices for p in params)
-    return bool(foreach)
+    return default_foreach(params) if foreach is None else bool(foreach)
 
 
 @dataclass
