@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -112,6 +112,20 @@ def _haar_level(x: Sequence[TensorList], *, with_approx: bool = True) -> tuple[l
     return approx, details
 
 
+def _haar_levels(slots: Sequence[TensorList]) -> Iterator[tuple[int, list[TensorList], list[TensorList]]]:
+    """``(width, approximations, details)`` of every Haar level over time, finest first; the
+    ``width`` details of a level pair with ``u[width : 2 * width]``. The coarsest level has no
+    approximations (nothing reads them)."""
+    width = len(slots) // 2
+    approx, details = _haar_level(slots)
+    while True:
+        yield width, approx, details
+        if width == 1:
+            return
+        width //= 2
+        approx, details = _haar_level(approx, with_approx=width > 1)
+
+
 def _sum_of_squares(x: list[TensorList]) -> TensorList:
     total = torch._foreach_mul(x[0], x[0])
     for t in x[1:]:
@@ -155,10 +169,10 @@ def fold_filter(
     if threshold_scale == 0:  # tau = 0 clamps every detail to 0: the weighted average is exact.
         return out
 
-    approx, details = _haar_level(slots)
+    levels = _haar_levels(slots)
+    width, approx, details = next(levels)
     tau = _tau(approx, details, scale=threshold_scale_factor(n, threshold_scale), snr_gate=snr_gate)
     neg_tau = torch._foreach_neg(tau)
-    width = n // 2  # details of this level sit at u[width : 2 * width]
     while True:
         for weight, d in zip(u[width : 2 * width], details):
             torch._foreach_maximum_(d, neg_tau)
@@ -166,5 +180,4 @@ def fold_filter(
             torch._foreach_add_(out, d, alpha=-weight)
         if width == 1:
             return out
-        width //= 2
-        approx, details = _haar_level(approx, with_approx=width > 1)
+        width, approx, details = next(levels)

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from .denoise import _to_compute
-from .filter import _gate, compute_dtype, _haar_level, _median, _tau, fold_filter, threshold_scale_factor
+from .filter import _gate, _haar_levels, _median, compute_dtype, fold_filter, threshold_scale_factor
 from .history import COUNT_KEY, time_ordered
 from .reference import MAD_TO_SIGMA
 
@@ -68,21 +68,14 @@ def _param_sums(state: dict[str, Any], p: Tensor, group: dict[str, Any]) -> Tens
 
     options = dict(decay=group["decay"], threshold_scale=group["threshold_scale"], snr_gate=group["snr_gate"])
     (g_hat,) = fold_filter(slots, **options)
-    approx, details = _haar_level(slots)
-    (median,) = _median([torch._foreach_abs(d) for d in details])
-    (gamma,) = _gate(approx, details) if group["snr_gate"] else [torch.ones_like(g)]
-    (tau,) = _tau(
-        approx, details, scale=threshold_scale_factor(n, group["threshold_scale"]), snr_gate=group["snr_gate"]
-    )
     zeroed = zero.clone()
-    width = n // 2
-    while True:
+    for width, approx, details in _haar_levels(slots):
+        if width == n // 2:  # the finest level sets the threshold, as in filter._tau (same order)
+            (median,) = _median([torch._foreach_abs(d) for d in details])
+            (gamma,) = _gate(approx, details) if group["snr_gate"] else [torch.ones_like(g)]
+            tau = median * threshold_scale_factor(n, group["threshold_scale"]) * gamma
         for (d,) in details:
             zeroed += (d.abs() <= tau).sum(dtype=torch.float64)
-        if width == 1:
-            break
-        width //= 2
-        approx, details = _haar_level(approx, with_approx=width > 1)
     return torch.stack(
         [
             zero + elements,
