@@ -14,7 +14,7 @@ from ._compat import default_foreach
 from .denoise import claim_histories, record_and_filter
 from .history import restore_history, split_checkpoint
 from .kernels import fused_backend, fused_by_default
-from .options import WAVE_DEFAULTS, check_wave_options
+from .options import WAVE_DEFAULTS, check_wave_options, filter_options
 from .stats import wave_stats as _wave_stats
 
 # What the kernels take: a sharded parameter (FSDP2's DTensor) is its own tensor subclass.
@@ -134,9 +134,7 @@ class WaveGuardMixin(torch.optim.Optimizer):
     def _wave_args(self, group: dict[str, Any]) -> dict[str, Any]:
         """The keyword arguments that ``record_and_filter`` and the fused kernels share."""
         return dict(
-            decay=group["decay"],
-            threshold_scale=group["threshold_scale"],
-            snr_gate=group["snr_gate"],
+            **filter_options(group),
             maximize=group["maximize"],
             grad_scale=getattr(self, "grad_scale", None),
         )

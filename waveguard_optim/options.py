@@ -47,3 +47,9 @@ def check_wave_options(options: Mapping[str, Any]) -> None:
         problem = _problem(name, value)
         if problem is not None:
             raise ValueError(f"Invalid {name}: {value!r} ({problem})")
+
+
+def filter_options(group: Mapping[str, Any]) -> dict[str, Any]:
+    """A param group's keyword arguments for the filter (``fold_filter``, ``record_and_filter``,
+    the fused kernels)."""
+    return dict(decay=group["decay"], threshold_scale=group["threshold_scale"], snr_gate=group["snr_gate"])

@@ -40,6 +40,7 @@ from torch import Tensor
 from .denoise import _to_compute
 from .filter import _gate, _haar_levels, _median, compute_dtype, fold_filter, threshold_scale_factor
 from .history import COUNT_KEY, time_ordered
+from .options import filter_options
 from .reference import MAD_TO_SIGMA
 
 __all__ = ["wave_stats"]
@@ -66,8 +67,7 @@ def _param_sums(state: dict[str, Any], p: Tensor, group: dict[str, Any]) -> Tens
     if state[COUNT_KEY] < n:  # warm-up: the optimizer used g itself
         return torch.stack([zero + elements, zero, zero, zero, zero, zero, zero, g.square().sum(dtype=torch.float64)])
 
-    options = dict(decay=group["decay"], threshold_scale=group["threshold_scale"], snr_gate=group["snr_gate"])
-    (g_hat,) = fold_filter(slots, **options)
+    (g_hat,) = fold_filter(slots, **filter_options(group))
     zeroed = zero.clone()
     for width, approx, details in _haar_levels(slots):
         if width == n // 2:  # the finest level sets the threshold, as in filter._tau (same order)

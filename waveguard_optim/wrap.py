@@ -41,7 +41,7 @@ from ._compat import default_foreach
 from .base import WaveGuardMixin
 from .denoise import claim_histories, record_and_filter
 from .history import COUNT_KEY, restore_history, split_checkpoint
-from .options import WAVE_DEFAULTS, check_wave_options
+from .options import WAVE_DEFAULTS, check_wave_options, filter_options
 from .stats import wave_stats
 
 __all__ = ["wave_guard", "WaveGuardHandle"]
@@ -135,9 +135,7 @@ class WaveGuardHandle:
                 grads,
                 histories,
                 full,
-                decay=group["decay"],
-                threshold_scale=group["threshold_scale"],
-                snr_gate=group["snr_gate"],
+                **filter_options(group),
                 maximize=maximize,
                 grad_scale=grad_scale,
                 foreach=step.foreach,
@@ -180,9 +178,7 @@ class WaveGuardHandle:
                 [p.grad for p in step.first],
                 histories,
                 full,
-                decay=group["decay"],
-                threshold_scale=group["threshold_scale"],
-                snr_gate=group["snr_gate"],
+                **filter_options(group),
                 maximize=bool(group.get("maximize", False)),
                 grad_scale=hidden.get("grad_scale"),
                 foreach=step.foreach,
