@@ -12,7 +12,7 @@ from torch import Tensor
 
 from ._compat import default_foreach
 from .denoise import claim_histories, record_and_filter
-from .history import restore_history, split_checkpoint
+from .history import COUNT_KEY, restore_history, split_checkpoint, unclaim
 from .kernels import fused_backend, fused_by_default
 from .options import WAVE_DEFAULTS, check_wave_options, filter_options
 from .stats import wave_stats as _wave_stats
@@ -121,14 +121,12 @@ class WaveGuardMixin(torch.optim.Optimizer):
         cannot take (a dtype, a missing back end) before it writes anything; the claims are
         then undone, so a failed step leaves the wave state as it was."""
         states = [self.state[p] for p in params]
-        before = [dict(st) for st in states]  # shallow: only the keys and the Python int count
+        counts = [st.get(COUNT_KEY) for st in states]
         histories, full = self._claim(group, params)
         try:
             run(histories, full)
         except Exception:
-            for st, old in zip(states, before):
-                st.clear()
-                st.update(old)
+            unclaim(states, counts, group["buffer_size"])
             raise
 
     def _wave_args(self, group: dict[str, Any]) -> dict[str, Any]:

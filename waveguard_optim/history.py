@@ -62,6 +62,18 @@ def claim_slot(state: dict[str, Any], p: Tensor, buffer_size: int, buffer_dtype:
     return state[slot_key(count % buffer_size)], count + 1 >= buffer_size
 
 
+def unclaim(states: list[dict[str, Any]], counts: list[int | None], buffer_size: int) -> None:
+    """Undo the claims of one step, given each state's ``wave_count`` before it (None: it had no
+    history, which is then dropped). The claimed slots were not written yet."""
+    for state, count in zip(states, counts):
+        if count is not None:
+            state[COUNT_KEY] = count
+        else:
+            for key in _SLOT_KEYS[:buffer_size]:
+                del state[key]
+            del state[COUNT_KEY]
+
+
 def time_ordered(state: Mapping[str, Any], buffer_size: int) -> list[Tensor]:
     """The last ``buffer_size`` recorded gradients, oldest first (references, no copies)."""
     count = state[COUNT_KEY] % buffer_size
