@@ -47,6 +47,19 @@ def set_grads(params, t, generator):
         p.grad = None if (i == 1 and t % 3 == 2) else gradient(p, t, generator)
 
 
+def lockstep(opt, ref, params, ref_params, *, steps, seed, rtol, atol):
+    """Step ``opt`` and ``ref`` on the same gradients, comparing the parameters after every step."""
+    generator = torch.Generator().manual_seed(seed)
+    for t in range(steps):
+        set_grads(params, t, generator)
+        for p, q in zip(params, ref_params):
+            q.grad = None if p.grad is None else p.grad.clone()
+        opt.step()
+        ref.step()
+        for p, q in zip(params, ref_params):
+            torch.testing.assert_close(p, q, rtol=rtol, atol=atol)
+
+
 def train(params, opt, steps=STEPS, start=0, check_grads=True):
     """Run ``steps`` steps; check that every step leaves ``p.grad`` as it was (same tensor, same values)."""
     generator = torch.Generator().manual_seed(1234 + start)
@@ -176,15 +189,7 @@ def test_wrap_follows_reference(optimizer_cls, maximize, buffer_dtype):
     ref_params = [p.detach().clone().requires_grad_() for p in params]
     opt = wrapped(optimizer_cls, params, wave, maximize=maximize, **kwargs)
     ref = ReferenceWave(ref_params, optimizer_cls, maximize=maximize, **wave, **kwargs)
-    generator = torch.Generator().manual_seed(7)
-    for t in range(30):
-        set_grads(params, t, generator)
-        for p, q in zip(params, ref_params):
-            q.grad = None if p.grad is None else p.grad.clone()
-        opt.step()
-        ref.step()
-        for p, q in zip(params, ref_params):
-            torch.testing.assert_close(p, q, **tol)
+    lockstep(opt, ref, params, ref_params, steps=30, seed=7, **tol)
 
 
 def test_history_holds_negated_gradient_under_maximize():
@@ -220,15 +225,7 @@ def test_identity_settings_follow_torch(optimizer_cls, kwargs):
     ref_params, params = make_params(), make_params()
     ref = optimizer_cls(ref_params, **kwargs)
     opt = wrapped(optimizer_cls, params, dict(buffer_size=4, decay=1e-30, threshold_scale=0.0), **kwargs)
-    generator = torch.Generator().manual_seed(5)
-    for t in range(20):
-        set_grads(params, t, generator)
-        for p, q in zip(params, ref_params):
-            q.grad = None if p.grad is None else p.grad.clone()
-        opt.step()
-        ref.step()
-        for p, q in zip(params, ref_params):
-            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    lockstep(opt, ref, params, ref_params, steps=20, seed=5, rtol=1e-6, atol=1e-7)
 
 
 def test_complex_parameters_match_waveadam():
