@@ -30,7 +30,7 @@ def fused_backend(device: torch.device) -> ModuleType | None:
         backend = _triton_backend(device)
         if backend is not None or device.type == "cuda":
             return backend
-    if device.type == "cpu":  # numba when installed, else blocked torch ops: always available
+    if device.type == "cpu":  # the C kernel where a compiler is found, else blocked torch ops: always available
         from . import cpu_step
 
         return cpu_step

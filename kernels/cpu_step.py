@@ -9,27 +9,27 @@ and apply torch's update to the result. Their pure-torch twin is
 
 Two back ends, the same numbers (to float rounding):
 
-``"numba"`` (the optional extra ``cpu``: ``pip install 'waveguard-optim[cpu]'``)
-    One generated, vectorized kernel per (N, parameter and history dtypes, amsgrad or
+``"c"`` (needs a C compiler: ``cc``, ``gcc`` or ``clang``, or ``$CC``)
+    One generated, vectorized C kernel per (N, parameter and history dtypes, amsgrad or
     momentum on) that reads and writes every element once (see
-    :mod:`waveguard_optim.kernels.cpu_numba`); the chunks of all tensors are split between
+    :mod:`waveguard_optim.kernels.cpu_c`); the chunks of all tensors are split between
     ``torch.get_num_threads()`` threads. It allocates nothing the size of a parameter. The
-    machine code is cached on disk (first use of a variant: a few seconds; later processes:
-    well under one).
+    shared library is cached on disk (first use of a variant: well under a second to compile
+    at N = 8; later processes: a few milliseconds to load).
 ``"torch"``
     The same math as ``torch._foreach_*`` calls, one cache-sized block of elements at a time
     (flat slices of the tensors), so that the filter's temporaries take one block of memory.
-    No dependency beyond torch; used when numba is absent (slower: many small ops).
+    No dependency beyond torch; used when there is no C compiler (slower: many small ops).
 
-Numbers: the torch back end performs the twin's operations; the numba kernel performs them in
+Numbers: the torch back end performs the twin's operations; the C kernel performs them in
 the same order with the same roundings (FMA where torch's CPU kernels use one, 16-bit values
 rounded where torch's tensor ops round them), so float32 results differ from the twin's only
 where torch's own CPU ``sqrt`` is not correctly rounded (by an ulp), and non-finite gradients
 give the twin's non-finite results. A ``grad_scale`` that is not a power of two (GradScaler's
 always are) is handled by the torch back end.
 
-``backend=None`` takes ``$WAVEGUARD_CPU_BACKEND`` if set, else numba when it imports, else
-torch. :func:`cpu_fused_available` says whether the numba kernel can be used.
+``backend=None`` takes ``$WAVEGUARD_CPU_BACKEND`` if set, else C when a compiler is found,
+else torch. :func:`cpu_fused_available` says whether the C kernel can be used.
 
 Non-contiguous tensors are processed through a contiguous copy that is written back (one
 tensor's worth of temporary memory each), complex tensors as their real view.
@@ -44,7 +44,6 @@ import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Sequence
-from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -52,69 +51,43 @@ import torch
 from torch import Tensor
 
 from waveguard_optim.filter import compute_dtype, filter_weights, fold_filter, threshold_scale_factor
+from waveguard_optim.kernels import cpu_c
 
 __all__ = ["fused_wave_adam_", "fused_wave_sgd_", "cpu_fused_available"]
 
-NUMBA_CHUNK = 1 << 15
-"""Elements per work item of the numba kernel."""
+C_CHUNK = 1 << 15
+"""Elements per work item of the C kernel."""
 MIN_ELEMENTS_PER_THREAD = 1 << 15
 """Below this many elements per thread, fewer threads (a thread hand-off costs ~10-50 us)."""
 TORCH_BLOCK = 1 << 17
 """Elements per block of the torch back end: its ~20 block-sized temporaries stay in L2/L3."""
 
 _KINDS = {torch.float32: "f32", torch.float64: "f64", torch.bfloat16: "bf16", torch.float16: "f16"}
-_BACKENDS = ("numba", "torch")
+_BACKENDS = ("c", "torch")
 
-_numba_lock = threading.Lock()
-_numba_state: dict[str, Any] = {}
 _broken_variants: set[tuple[Any, ...]] = set()
 
 
-def _numba_module() -> ModuleType | None:
-    """:mod:`cpu_numba` if numba imports (checked once), else None."""
-    with _numba_lock:
-        if "module" not in _numba_state:
-            try:
-                from waveguard_optim.kernels import cpu_numba
-            except ImportError:
-                cpu_numba = None
-            _numba_state["module"] = cpu_numba
-    return _numba_state["module"]
-
-
 def cpu_fused_available() -> bool:
-    """Whether the single-pass numba kernel can run (numba is installed and not disabled)."""
+    """Whether the single-pass C kernel can run (a C compiler is found and it is not disabled)."""
     if os.environ.get("WAVEGUARD_CPU_BACKEND", "").lower() == "torch":
         return False
-    return _numba_module() is not None
+    return cpu_c.find_compiler() is not None
 
 
 def _resolve_backend(backend: str | None) -> str:
     choice = (backend or os.environ.get("WAVEGUARD_CPU_BACKEND") or "").lower()
     if not choice:
-        return "numba" if _numba_module() is not None else "torch"
+        return "c" if cpu_c.find_compiler() is not None else "torch"
     if choice not in _BACKENDS:
         raise ValueError(f"Invalid backend or WAVEGUARD_CPU_BACKEND: {choice!r} (expected one of {_BACKENDS})")
-    if choice == "numba" and _numba_module() is None:
-        raise RuntimeError("The numba back end of the fused CPU step needs numba: pip install 'waveguard-optim[cpu]'")
+    if choice == "c" and cpu_c.find_compiler() is None:
+        raise RuntimeError("The C back end of the fused CPU step needs a C compiler: install cc, gcc or clang, or set CC")
     return choice
 
 
 def _to_float(x: float | Tensor) -> float:
     return float(x.item()) if isinstance(x, Tensor) else float(x)
-
-
-def _check(params: Sequence[Tensor], grads: Sequence[Tensor], histories: Sequence[Sequence[Tensor]]) -> None:
-    for p, g, h in zip(params, grads, histories):
-        if p.device.type != "cpu" or g.device.type != "cpu":
-            raise RuntimeError(f"The fused CPU step needs CPU tensors, got a parameter on {p.device}")
-        if g.is_sparse:
-            raise RuntimeError("The fused CPU step does not support sparse gradients")
-        real = p.dtype.to_real() if p.is_complex() else p.dtype
-        if real not in _KINDS:
-            raise RuntimeError(f"The fused CPU step supports float32, float64, bfloat16 and float16 parameters, got {p.dtype}")
-        if not h:
-            raise RuntimeError("Every parameter needs its history slots (oldest first)")
 
 
 def _real(t: Tensor) -> Tensor:
@@ -136,13 +109,19 @@ class _Operands:
             self._write_back.append((t, tmp))
         return tmp
 
-    def row(self, p: Tensor, g: Tensor, state: list[Tensor], slots: list[Tensor], dtype: torch.dtype) -> list[Tensor]:
-        """A kernel's operands for one parameter: p, grad, state, slots (the last is written)."""
-        row = [p, g, *state, *slots]
-        if not p.is_complex() and g.dtype == dtype and all(t.is_contiguous() for t in row):
-            return row  # the common case, checked cheaply
-        last = len(row) - 1
-        return [self.take(t, written=k != 1 and (k < 2 + len(state) or k == last), dtype=dtype if k == 1 else None) for k, t in enumerate(row)]
+    def rows(self, params: list[Tensor], grads: list[Tensor], state: list[list[Tensor]], slots: list[list[Tensor]], dtype: torch.dtype) -> list[Tensor]:
+        """The kernel's operands, row after row: per parameter p, grad, its state, its slots
+        (the last slot is written); gradients in ``dtype``, the parameter's real dtype."""
+        flat = [t for i, p in enumerate(params) for t in (p, grads[i], *(s[i] for s in state), *slots[i])]
+        if all(map(Tensor.is_contiguous, flat)) and all(g.dtype == dtype for g in grads) and params[0].dtype == dtype:
+            return flat  # the common case (one dtype per call: complex parameters come on their own)
+        out = []
+        last = 1 + len(state) + len(slots[0])
+        for k, t in enumerate(flat):
+            column = k % (last + 1)
+            written = column != 1 and (column < 2 + len(state) or column == last)
+            out.append(self.take(t, written=written, dtype=dtype if column == 1 else None))
+        return out
 
     def finish(self) -> None:
         for t, tmp in self._write_back:
@@ -150,6 +129,7 @@ class _Operands:
         self._write_back.clear()
 
 
+@functools.lru_cache(maxsize=64)
 def _filter_constants(n: int, decay: float, threshold_scale: float) -> tuple[tuple[float, ...], tuple[float, ...], float, bool]:
     """``(w, -u, tau factor, thresholding)`` for N. With kappa = 0, or delta = 1 (every u_i = 0),
     the folded correction vanishes exactly and is skipped."""
@@ -173,37 +153,49 @@ def _exact_reciprocal(scale: float | None) -> bool:
     return scale is None or (scale > 0 and math.isfinite(scale) and math.frexp(scale)[0] == 0.5)
 
 
-def _common_scalars(
-    scale: float | None, maximize: bool, constants: tuple[Any, ...], snr_gate: bool, pdtype: torch.dtype
-) -> list[float]:
-    """The kernels' first run-time scalars (see ``cpu_numba.generate``)."""
+def _common_scalars(scale: float | None, maximize: bool, constants: tuple[Any, ...], pdtype: torch.dtype) -> dict[str, float]:
+    """The run-time scalars every kernel takes (see ``cpu_c.SCALARS``)."""
     finfo = torch.finfo(compute_dtype(pdtype))
     sign = -1.0 if maximize else 1.0
-    return [
-        sign if scale is None else sign / scale,  # exact: the kernel is used for powers of two only
-        sign,
-        constants[2],  # kappa * sqrt(2 ln N) / 0.6745
-        finfo.smallest_normal * finfo.eps,  # the gate's floor under E_c + E_f, as in fold_filter
-        constants[3],  # thresholding on
-        bool(snr_gate),
-    ]
+    return dict(
+        ginv=sign if scale is None else sign / scale,  # exact: the kernel is used for powers of two only
+        tscale=constants[2],  # kappa * sqrt(2 ln N) / 0.6745
+        TINY=finfo.smallest_normal * finfo.eps,  # the gate's floor under E_c + E_f, as in fold_filter
+        threshold=float(constants[3]),  # thresholding on
+    )
 
 
 def _groups(params: Sequence[Tensor], grads: Sequence[Tensor], histories: Sequence[Sequence[Tensor]]) -> dict[tuple[Any, ...], list[int]]:
-    """Indices by (param dtype, history dtype, N); the history dtype is None where a parameter's
-    slots disagree (those go to the torch back end)."""
+    """Indices by (real param dtype, history dtype, N, complex), after checking what every back end needs.
+    The history dtype is None where a parameter's slots disagree (those go to the torch back end)."""
     out: dict[tuple[Any, ...], list[int]] = {}
-    for i, (p, h) in enumerate(zip(params, histories)):
+    for i, (p, g, h) in enumerate(zip(params, grads, histories)):
+        if not (p.is_cpu and g.is_cpu):
+            raise RuntimeError(f"The fused CPU step needs CPU tensors, got a parameter on {p.device}")
+        if g.is_sparse:
+            raise RuntimeError("The fused CPU step does not support sparse gradients")
+        if not h:
+            raise RuntimeError("Every parameter needs its history slots (oldest first)")
+        real = p.dtype.to_real() if p.is_complex() else p.dtype
+        if real not in _KINDS:
+            raise RuntimeError(f"The fused CPU step supports float32, float64, bfloat16 and float16 parameters, got {p.dtype}")
         first = h[0].dtype
         slot = first.to_real() if first.is_complex else first
         if slot not in _KINDS or any(s.dtype != first for s in h):
             slot = None
-        out.setdefault((p.dtype.to_real() if p.is_complex() else p.dtype, slot, len(h)), []).append(i)
+        out.setdefault((real, slot, len(h), p.is_complex()), []).append(i)
     return out
 
 
+def _picker(members: list[int], total: int) -> Any:
+    """``xs -> [xs[i] for i in members]``; the identity when the members are everything."""
+    if len(members) == total:
+        return lambda xs: xs
+    return lambda xs: [xs[i] for i in members]
+
+
 # ---------------------------------------------------------------------------------------
-# The numba back end.
+# The C back end.
 
 
 def _short(err: BaseException) -> str:
@@ -232,66 +224,66 @@ def _workers(threads: int) -> ThreadPoolExecutor:
     return pool
 
 
-def _run_numba(
+def _run_c(
     algo: str,
-    with_state: bool,
+    options: dict[str, bool],
     pkind: str,
     skind: str,
     n: int,
-    columns: list[list[Tensor]],
+    operands: list[Tensor],
     full: list[bool],
     first: list[bool],
     step_size: list[float],
     bc2_sqrt: list[float],
     filter_constants: tuple[Any, ...],
-    scalars: list[float],
+    scalars: dict[str, float],
 ) -> bool:
-    """Run one kernel over tensors whose operands are ``columns[t]`` (already real and
-    contiguous, in the kernel's column order), on ``torch.get_num_threads()`` threads.
+    """Run one kernel over tensors whose ``operands`` (real and contiguous, a row per tensor in
+    the kernel's column order: see ``_Operands.rows``) on ``torch.get_num_threads()`` threads.
+    ``options`` and ``scalars`` are by name (``cpu_c.OPTIONS`` and ``cpu_c.SCALARS``).
     False if this variant cannot be built here (the caller then uses the torch back end)."""
-    module = _numba_module()
-    key = (algo, n, pkind, skind, with_state)
-    if module is None or key in _broken_variants:
+    switches = tuple(name for name in cpu_c.OPTIONS[algo] if options[name])
+    key = (algo, n, pkind, skind, switches)
+    if key in _broken_variants:
         return False
     try:
-        kernel = module.get_kernel(algo, n, pkind, skind, with_state)
+        kernel = cpu_c.get_kernel(algo, n, pkind, skind, switches)
     except Exception as err:  # noqa: BLE001 - any failure to build a kernel means: use torch
         _broken_variants.add(key)
         warnings.warn(f"waveguard_optim: fused CPU kernel {key} unavailable ({_short(err)}); using the torch back end", stacklevel=3)
         return False
-    sizes = np.fromiter((c[0].numel() for c in columns), dtype=np.int64, count=len(columns))
-    ptrs = np.array([[t.data_ptr() for t in c] for c in columns], dtype=np.int64)
-    owner, offset, length = _chunks(sizes, NUMBA_CHUNK)
+    width = len(operands) // len(full)
+    sizes = np.array([p.numel() for p in operands[::width]], dtype=np.int64)
+    ptrs = np.array(list(map(Tensor.data_ptr, operands)), dtype=np.int64)
+    owner, offset, length = _chunks(sizes, C_CHUNK)
     w, neg_u = filter_constants[:2]
-    tail = (
+    arrays = (
+        ptrs,
+        owner,
+        offset,
+        length,
         np.array(full, dtype=np.uint8),
         np.array(first, dtype=np.uint8),
         np.array(step_size, dtype=np.float64),
         np.array(bc2_sqrt, dtype=np.float64),
         np.array(w, dtype=np.float64),
         np.array(neg_u, dtype=np.float64),
-        np.array(scalars, dtype=np.float64),
+        np.array([scalars[name] for name in cpu_c.SCALARS[algo]], dtype=np.float64),
     )
+    pointers = [a.ctypes.data for a in arrays]
     total = int(length.sum())
     threads = max(1, min(torch.get_num_threads(), len(owner), total // MIN_ELEMENTS_PER_THREAD))
-    if not kernel.signatures or threads == 1:  # the first call compiles: one thread, errors caught
-        try:
-            kernel(ptrs, owner, offset, length, 0, len(owner), *tail)
-        except Exception as err:  # noqa: BLE001
-            if kernel.signatures:
-                raise  # it compiled: a genuine error
-            _broken_variants.add(key)
-            warnings.warn(f"waveguard_optim: fused CPU kernel {key} failed to compile ({_short(err)}); using the torch back end", stacklevel=3)
-            return False
-        return True
     # Contiguous ranges of chunks with about equal element counts, one per thread.
     bounds = np.searchsorted(np.cumsum(length), [total * k // threads for k in range(1, threads)], side="right")
-    edges = [0, *bounds.tolist(), len(owner)]
-    pool = _workers(threads - 1)
-    futures = [pool.submit(kernel, ptrs, owner, offset, length, edges[k], edges[k + 1], *tail) for k in range(1, threads)]
-    kernel(ptrs, owner, offset, length, edges[0], edges[1], *tail)
-    for future in futures:
-        future.result()
+    edges = np.array([0, *bounds.tolist(), len(owner)], dtype=np.int64)
+    if kernel.parallel or threads == 1:
+        kernel.run(edges.ctypes.data, threads, *pointers)
+    else:  # no OpenMP: a range per Python thread (ctypes releases the GIL during the call)
+        ranges = [edges.ctypes.data + k * edges.itemsize for k in range(threads)]
+        futures = [_workers(threads - 1).submit(kernel.run, at, 1, *pointers) for at in ranges[1:]]
+        kernel.run(ranges[0], 1, *pointers)
+        for future in futures:
+            future.result()
     return True
 
 
@@ -459,6 +451,9 @@ def _torch_sgd(
 # Public entry points.
 
 
+# torch.compile: dynamo must not trace a kernel launch (ctypes calls on numpy pointer tables;
+# traced, the step came out NaN in tests/test_compile.py); it runs as one opaque call.
+@torch.compiler.disable
 def fused_wave_adam_(
     params: list[Tensor],
     grads: list[Tensor],
@@ -487,48 +482,47 @@ def fused_wave_adam_(
     torch Adam step on the result (incrementing ``state_steps``). ``grads`` are not modified."""
     if not params:
         return
-    _check(params, grads, histories)
+    groups = _groups(params, grads, histories)
     use = _resolve_backend(backend)
     b1, b2, lr_, wd = _to_float(beta1), _to_float(beta2), _to_float(lr), _to_float(weight_decay)
     scale = None if grad_scale is None else _to_float(grad_scale)
     torch._foreach_add_(state_steps, 1)
-    step_size, bc2_sqrt = [], []
-    for step_t in state_steps:
-        step = step_t.item()
-        step_size.append(lr_ / (1 - b1**step))
-        bc2_sqrt.append((1 - b2**step) ** 0.5)
+    steps = torch.stack(state_steps).tolist() if len(state_steps) > 1 else [state_steps[0].item()]
+    step_size = [lr_ / (1 - b1**step) for step in steps]
+    bc2_sqrt = [(1 - b2**step) ** 0.5 for step in steps]
     wd_mode = "none" if wd == 0 else ("decoupled" if decoupled_weight_decay else "l2")
 
-    for (pdtype, sdtype, n), members in _groups(params, grads, histories).items():
+    for (pdtype, sdtype, n, _), members in groups.items():
         constants = _filter_constants(n, decay, threshold_scale)
         options = dict(decay=decay, threshold_scale=threshold_scale, snr_gate=snr_gate)
-        if use == "numba" and sdtype is not None and _exact_reciprocal(scale):
+        pick = _picker(members, len(params))
+        if use == "c" and sdtype is not None and _exact_reciprocal(scale):
             ops = _Operands()
             state = [exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if amsgrad else [])
-            columns = [
-                ops.row(params[i], grads[i], [s[i] for s in state], histories[i], pdtype) for i in members
-            ]
+            operands = ops.rows(pick(params), pick(grads), [pick(s) for s in state], pick(histories), pdtype)
             alpha = functools.partial(_as_alpha, pdtype)
-            scalars = _common_scalars(scale, maximize, constants, snr_gate, pdtype) + [
-                1 - b1,  # lerp weight
-                b2,
-                1 - b2,
-                alpha(eps),  # add_(eps)
-                alpha(wd),  # grad.add(param, alpha=weight_decay)
-                1 - lr_ * wd,
-                wd_mode == "l2",
-                wd_mode == "decoupled",
-                abs(1 - b1) < 0.5,  # which of torch's two lerp formulas
-            ]
-            ran = _run_numba(
-                "adam", amsgrad, _KINDS[pdtype], _KINDS[sdtype], n, columns,
-                [bool(full[i]) for i in members], [False] * len(members),
-                [step_size[i] for i in members], [bc2_sqrt[i] for i in members], constants, scalars,
+            scalars = _common_scalars(scale, maximize, constants, pdtype) | dict(
+                lw=1 - b1,  # lerp weight
+                beta2=b2,
+                c2=1 - b2,
+                eps=alpha(eps),  # add_(eps)
+                wd=alpha(wd),  # grad.add(param, alpha=weight_decay)
+                keep=1 - lr_ * wd,
+            )
+            switches = dict(
+                amsgrad=amsgrad,
+                l2=wd_mode == "l2",
+                decoupled=wd_mode == "decoupled",
+                lerp_small=abs(1 - b1) < 0.5,  # which of torch's two lerp formulas
+                gate=snr_gate,
+            )
+            ran = _run_c(
+                "adam", switches, _KINDS[pdtype], _KINDS[sdtype], n, operands,
+                pick(full), [False] * len(members), pick(step_size), pick(bc2_sqrt), constants, scalars,
             )  # fmt: skip
             if ran:
                 ops.finish()
                 continue
-        pick = lambda xs: [xs[i] for i in members]  # noqa: E731
         _torch_adam(
             pick(params), pick(grads), pick(exp_avgs), pick(exp_avg_sqs), pick(max_exp_avg_sqs) if amsgrad else [],
             pick(histories), pick(full), pick(step_size), pick(bc2_sqrt),
@@ -537,6 +531,7 @@ def fused_wave_adam_(
         )  # fmt: skip
 
 
+@torch.compiler.disable
 def fused_wave_sgd_(
     params: list[Tensor],
     grads: list[Tensor],
@@ -561,7 +556,7 @@ def fused_wave_sgd_(
     first update's gradient) and put into ``momentum_buffers`` in place."""
     if not params:
         return
-    _check(params, grads, histories)
+    groups = _groups(params, grads, histories)
     use = _resolve_backend(backend)
     lr_, wd, mom, damp = _to_float(lr), _to_float(weight_decay), float(momentum), float(dampening)
     scale = None if grad_scale is None else _to_float(grad_scale)
@@ -573,33 +568,30 @@ def fused_wave_sgd_(
                 first[i] = True
     buffers: list[Tensor] = momentum_buffers  # type: ignore[assignment]
 
-    for (pdtype, sdtype, n), members in _groups(params, grads, histories).items():
+    for (pdtype, sdtype, n, _), members in groups.items():
         constants = _filter_constants(n, decay, threshold_scale)
         options = dict(decay=decay, threshold_scale=threshold_scale, snr_gate=snr_gate)
-        if use == "numba" and sdtype is not None and _exact_reciprocal(scale):
+        pick = _picker(members, len(params))
+        if use == "c" and sdtype is not None and _exact_reciprocal(scale):
             ops = _Operands()
-            columns = [
-                ops.row(params[i], grads[i], [buffers[i]] if mom != 0 else [], histories[i], pdtype) for i in members
-            ]
+            operands = ops.rows(pick(params), pick(grads), [pick(buffers)] if mom != 0 else [], pick(histories), pdtype)
             alpha = functools.partial(_as_alpha, pdtype)
-            scalars = _common_scalars(scale, maximize, constants, snr_gate, pdtype) + [
-                alpha(wd),  # grad.add(param, alpha=weight_decay)
-                mom,  # buf.mul_(momentum)
-                alpha(1 - damp),  # buf.add_(grad, alpha=1 - dampening)
-                alpha(-lr_),  # param.add_(grad, alpha=-lr)
-                wd != 0,
-                nesterov,
-                alpha(mom),  # grad.add(buf, alpha=momentum)
-            ]
-            ran = _run_numba(
-                "sgd", mom != 0, _KINDS[pdtype], _KINDS[sdtype], n, columns,
-                [bool(full[i]) for i in members], [first[i] for i in members],
+            scalars = _common_scalars(scale, maximize, constants, pdtype) | dict(
+                wd=alpha(wd),  # grad.add(param, alpha=weight_decay)
+                mom=mom,  # buf.mul_(momentum)
+                damp=alpha(1 - damp),  # buf.add_(grad, alpha=1 - dampening)
+                nlr=alpha(-lr_),  # param.add_(grad, alpha=-lr)
+                nmom=alpha(mom),  # grad.add(buf, alpha=momentum)
+            )
+            switches = dict(momentum=mom != 0, l2=wd != 0, nesterov=nesterov, gate=snr_gate)
+            ran = _run_c(
+                "sgd", switches, _KINDS[pdtype], _KINDS[sdtype], n, operands,
+                pick(full), pick(first),
                 [0.0] * len(members), [0.0] * len(members), constants, scalars,
             )  # fmt: skip
             if ran:
                 ops.finish()
                 continue
-        pick = lambda xs: [xs[i] for i in members]  # noqa: E731
         _torch_sgd(
             pick(params), pick(grads), pick(buffers) if mom != 0 else [], pick(first), pick(histories), pick(full),
             weight_decay=wd, momentum=mom, lr=lr_, dampening=damp, nesterov=nesterov, maximize=maximize,

@@ -7,14 +7,15 @@ has gone from warm-up to a few full-filter steps, tensors starting at different 
 that one call mixes warm-up and full tensors, first and later momentum steps, and tensors of
 several sizes.
 
-Both back ends are checked: ``numba`` (the optional extra ``cpu``; skipped without numba)
-and ``torch`` (the fallback, always). The first numba run of a variant compiles it (a few
-seconds) and caches it on disk; the cases share variants where they can.
+Both back ends are checked: ``c`` (skipped where no C compiler is found) and ``torch`` (the
+fallback, always). The first C run of a variant compiles it (a fraction of a second) and
+caches it on disk; the cases share variants where they can.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,11 +27,11 @@ from waveguard_optim._compat import adam_functional, sgd_functional
 from waveguard_optim.denoise import claim_histories, record_and_filter
 from waveguard_optim.kernels import cpu_step
 
-HAVE_NUMBA = cpu_step._numba_module() is not None
-BACKENDS = [
-    pytest.param("numba", marks=pytest.mark.skipif(not HAVE_NUMBA, reason="numba not installed (extra 'cpu')")),
-    "torch",
-]
+from waveguard_optim.kernels import cpu_c
+
+HAVE_CC = cpu_c.find_compiler() is not None
+needs_cc = pytest.mark.skipif(not HAVE_CC, reason="no C compiler (cc, gcc, clang or $CC)")
+BACKENDS = [pytest.param("c", marks=needs_cc), "torch"]
 
 SIZES = (1, 7, 1000, 70_001)  # odd sizes; the largest is split across threads and chunks
 # 16-bit cases use whole multiples of 64 elements. torch 2.13 rounds ``a.add(b, alpha=s)``
@@ -200,7 +201,7 @@ def run_case(case: Case, backend: str | None, seed: int = 0) -> tuple[Side, Side
     return fused, twin
 
 
-# --- cases: chosen to cover every option while sharing compiled numba variants
+# --- cases: chosen to cover every option while sharing compiled C variants
 # (a variant is: algorithm, N, parameter and history dtypes, amsgrad / momentum on) --------
 
 ADAM_CASES = {
@@ -289,7 +290,7 @@ def test_non_contiguous_params_are_updated_in_place(name: str, backend: str) -> 
 def test_many_chunks_and_threads(backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Small chunks and blocks: many work items per tensor, ragged last ones, pieces of
     several tensors in one torch block, the chunk ranges of two threads."""
-    monkeypatch.setattr(cpu_step, "NUMBA_CHUNK", 96)
+    monkeypatch.setattr(cpu_step, "C_CHUNK", 96)
     monkeypatch.setattr(cpu_step, "MIN_ELEMENTS_PER_THREAD", 64)
     monkeypatch.setattr(cpu_step, "TORCH_BLOCK", 100)
     threads = torch.get_num_threads()
@@ -299,6 +300,36 @@ def test_many_chunks_and_threads(backend: str, monkeypatch: pytest.MonkeyPatch) 
         run_case(Case("sgd", sizes=(1000, 129, 3, 96), options=dict(momentum=0.9)), backend)
     finally:
         torch.set_num_threads(threads)
+
+
+@needs_cc
+def test_kernel_built_without_openmp_runs_on_python_threads(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A compiler without OpenMP gives a serial library; the step then splits the chunk ranges
+    over Python threads itself, with the same numbers."""
+    monkeypatch.setenv("WAVEGUARD_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(cpu_c, "OPENMP", "-fno-openmp")
+    monkeypatch.setattr(cpu_c, "_LOADED", {})
+    monkeypatch.setattr(cpu_step, "C_CHUNK", 96)
+    monkeypatch.setattr(cpu_step, "MIN_ELEMENTS_PER_THREAD", 64)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        run_case(Case("adam", sizes=(1000, 129, 3, 96), options=dict(amsgrad=True)), "c")
+    finally:
+        torch.set_num_threads(threads)
+    assert [k.parallel for k in cpu_c._LOADED.values()] == [False]
+
+
+@needs_cc
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_kernel_threads_are_torchs_openmp_pool() -> None:
+    """The kernel links the OpenMP runtime torch has already loaded, not a second one whose
+    threads would compete with torch's for the cores."""
+    run_case(Case("adam", sizes=(70_001,), starts=(0,)), "c")
+    assert all(k.parallel for k in cpu_c._LOADED.values())
+    with open("/proc/self/maps") as f:
+        runtimes = {line.split()[-1] for line in f if "libgomp" in line or "libomp" in line or "libiomp" in line}
+    assert len(runtimes) == 1, runtimes
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -355,14 +386,14 @@ def test_refusals(backend: str) -> None:
         _adam_call([p], [p.clone()], "cuda")
 
 
-def test_without_numba_the_torch_back_end_runs(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The fallback: numba missing -> not available, the default back end is torch, and
-    asking for numba explicitly says how to install it."""
-    monkeypatch.setitem(cpu_step._numba_state, "module", None)
+def test_without_a_compiler_the_torch_back_end_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fallback: no C compiler -> not available, the default back end is torch, and
+    asking for the C back end explicitly says what is missing."""
+    monkeypatch.setattr(cpu_c, "find_compiler", lambda: None)
     assert not cpu_step.cpu_fused_available()
     assert cpu_step._resolve_backend(None) == "torch"
-    with pytest.raises(RuntimeError, match=r"waveguard-optim\[cpu\]"):
-        _adam_call([torch.randn(3)], [torch.randn(3)], "numba")
+    with pytest.raises(RuntimeError, match="C compiler"):
+        _adam_call([torch.randn(3)], [torch.randn(3)], "c")
     run_case(Case("adam", sizes=(7, 300), starts=(0, 1), options=dict(amsgrad=True)), None)
 
 
@@ -375,35 +406,37 @@ def test_environment_variable_picks_the_back_end(monkeypatch: pytest.MonkeyPatch
         cpu_step._resolve_backend(None)
 
 
-@pytest.mark.skipif(not HAVE_NUMBA, reason="numba not installed (extra 'cpu')")
-def test_a_kernel_that_cannot_be_built_falls_back_to_torch(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A variant that fails to build (say, an LLVM without some conversion) warns once and
-    the step still happens, on the torch back end, with the twin's numbers."""
-    module = cpu_step._numba_module()
-
-    def broken(*args: Any, **kwargs: Any) -> None:
-        raise RuntimeError("no kernel for you")
-
-    monkeypatch.setattr(module, "get_kernel", broken)
+@needs_cc
+def test_a_kernel_that_cannot_be_built_falls_back_to_torch(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A variant that the compiler fails to build warns once and the step still happens, on
+    the torch back end, with the twin's numbers."""
+    monkeypatch.setenv("WAVEGUARD_CACHE_DIR", str(tmp_path))  # nothing cached: it must compile
+    monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
+    monkeypatch.setattr(cpu_c, "_LOADED", {})
     monkeypatch.setattr(cpu_step, "_broken_variants", set())
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        run_case(Case("sgd", sizes=(7, 300), starts=(0, 1), options=dict(momentum=0.9)), "numba")
+        run_case(Case("sgd", sizes=(7, 300), starts=(0, 1), options=dict(momentum=0.9)), "c")
     messages = [str(w.message) for w in caught if "waveguard_optim" in str(w.message)]
-    assert len(messages) == 1 and "no kernel for you" in messages[0]
+    assert len(messages) == 1 and "failed to compile" in messages[0]
 
 
-@pytest.mark.skipif(not HAVE_NUMBA, reason="numba not installed (extra 'cpu')")
-def test_generated_kernel_is_cached_on_disk(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The generated source lands in WAVEGUARD_CACHE_DIR, named by its content, so that
-    numba's cache=True can keep the machine code beside it for the next process."""
-    module = cpu_step._numba_module()
+@needs_cc
+def test_compiled_kernel_is_cached_on_disk(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The shared library lands in WAVEGUARD_CACHE_DIR, named by its source and toolchain; a
+    later process (here: an emptied in-memory table) loads it without compiling."""
     monkeypatch.setenv("WAVEGUARD_CACHE_DIR", str(tmp_path))
-    folder = module.cache_dir()
-    assert folder.parent == tmp_path
-    source = module.generate("adam", 4, "f32", "f32", True)
-    compile(source, "generated", "exec")  # valid Python
-    assert "smin(" in source and "carray(" in source
+    monkeypatch.setattr(cpu_c, "_LOADED", {})
+    cpu_c.get_kernel("adam", 4, "f32", "f32", ("amsgrad", "lerp_small", "gate"))  # what the case below runs
+    (library,) = cpu_c.cache_dir().iterdir()
+    assert cpu_c.cache_dir().parent == tmp_path and library.name.startswith("wg_adam_n4_f32_f32_amsgrad-lerp_small-gate_")
+
+    def no_compiling(*args: Any) -> None:
+        raise AssertionError("compiled again")
+
+    monkeypatch.setattr(cpu_c, "_LOADED", {})
+    monkeypatch.setattr(cpu_c, "_build", no_compiling)
+    run_case(Case("adam", options=dict(amsgrad=True)), "c")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -90,7 +90,7 @@ def assert_same(a, b):
 def eager(kwargs):
     """``kwargs`` with torch's default path made explicit for WaveAdam/WaveSGD: without
     foreach/fused, torch picks its single-tensor path on CPU, WaveGuard its own kernel
-    (when numba is installed), which may round a sqrt differently by an ulp."""
+    (the C kernel where a compiler is found), which may round a sqrt differently by an ulp."""
     return {**kwargs, "foreach": False} if kwargs.get("foreach") is None else kwargs
 
 

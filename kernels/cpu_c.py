@@ -1,0 +1,482 @@
+"""The C half of the fused CPU step: a code generator that writes one single-pass C kernel
+per (N, dtypes, amsgrad/momentum), and the machinery that compiles it with the system's C
+compiler, caches the shared library on disk and loads it with :mod:`ctypes`.
+
+Only :mod:`waveguard_optim.kernels.cpu_step` imports this module. A kernel is generated from
+the *shape* of the constants (N, the median network of
+:func:`waveguard_optim.filter.median_network`); their *values* (the recency weights,
+``u = Haar(w)``, the threshold factor, every optimizer option) come in as arrays at run time,
+so all ``decay``/``threshold_scale``/``lr``/... share one compiled kernel.
+
+Why C: every tensor a kernel touches is a ``restrict`` pointer, so the compiler vectorizes
+the element loop without run-time alias checks and keeps the whole filter in registers; the
+loop then runs at the memory bandwidth that ``bench/step_time.py`` measures. The compiler
+is ``$CC`` if set, else the first of ``cc``, ``gcc``, ``clang`` on the PATH; it builds for
+the machine it runs on (``-march=native``) and with FMA contraction off
+(``-ffp-contract=off``), so that every rounding is the one the source spells out.
+
+``wg_run`` walks a range of chunks (tensor, offset, length); the caller runs one range per
+thread (:mod:`ctypes` releases the GIL for the call). Per element it reads the gradient,
+the N-1 older history slots and the optimizer state once, writes the newest slot, the state
+and the parameter once, and keeps everything else in registers.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+from waveguard_optim.filter import median_network
+
+# ---------------------------------------------------------------------------------------
+# Storage kinds: C types, and how to load, store and round-trip one element.
+
+ITEMSIZE = {"f32": 4, "f64": 8, "bf16": 2, "f16": 2}
+_CTYPE = {"f32": "float", "f64": "double", "bf16": "uint16_t", "f16": "uint16_t"}
+
+
+def compute_of(kind: str) -> str:
+    """Arithmetic type of a parameter kind: float64 for float64, float32 otherwise (SPEC section 3)."""
+    return "f64" if kind == "f64" else "f32"
+
+
+def _load(kind: str, compute: str, x: str) -> str:
+    """Storage value ``x`` of ``kind`` as the compute type (f32 or f64)."""
+    if kind in ("bf16", "f16"):
+        as_f32 = f"{kind}_to_f32({x})"
+        return f"(double){as_f32}" if compute == "f64" else as_f32
+    return x if kind == compute else f"({_CTYPE[compute]})({x})"
+
+
+def _store(kind: str, compute: str, x: str) -> str:
+    """Compute-type value ``x`` as ``kind`` storage (round to nearest even).
+
+    A float64 goes to a 16-bit type through float32, as c10 does.
+    """
+    if kind in ("bf16", "f16"):
+        as_f32 = f"(float)({x})" if compute == "f64" else x
+        return f"f32_to_{kind}({as_f32})"
+    return x if kind == compute else f"({_CTYPE[kind]})({x})"
+
+
+def _round(kind: str, compute: str, x: str) -> str:
+    """``x`` rounded to ``kind`` and back: what a tensor of that dtype would hold."""
+    return x if kind == compute else _load(kind, compute, _store(kind, compute, x))
+
+
+# ---------------------------------------------------------------------------------------
+# Element code, as (target, expression) statements in the order of the eager twin.
+
+Statements = list[tuple[str, str]]
+
+OPTIONS = {
+    "adam": ("amsgrad", "l2", "decoupled", "lerp_small", "gate"),
+    "sgd": ("momentum", "l2", "nesterov", "gate"),
+}
+"""The switches compiled into a kernel variant: a run-time flag would make the compiler
+evaluate both sides of every select it controls (measured: a third slower)."""
+
+SCALARS = {
+    "adam": ("ginv", "tscale", "TINY", "threshold", "lw", "beta2", "c2", "eps", "wd", "keep"),
+    "sgd": ("ginv", "tscale", "TINY", "threshold", "wd", "mom", "damp", "nlr", "nmom"),
+}
+"""The run-time scalars of a kernel, in the order of its ``sc`` array."""
+
+
+def _filter_statements(n: int, threshold: bool, gate: bool) -> Statements:
+    """``h0 .. h{n-1}`` (compute type) -> ``gh``, in the operation order of
+    :func:`waveguard_optim.filter.fold_filter`."""
+    out: Statements = [("gh", "h0 * w0")]
+    out += [("gh", f"FMA(h{j}, w{j}, gh)") for j in range(1, n)]  # _foreach_add_(out, b, alpha=w_j)
+    if not threshold:
+        return out
+    half = n // 2
+    for i in range(half):
+        out.append((f"a{i}", f"(h{2 * i} + h{2 * i + 1}) * SQH"))
+        out.append((f"d{i}", f"(h{2 * i} - h{2 * i + 1}) * SQH"))
+    out += [(f"x{i}", f"ABS(d{i})") for i in range(half)]
+    steps, middle = median_network(half)
+    wire = [f"x{i}" for i in range(half)]
+    for number, (lo, hi, need_min, need_max) in enumerate(steps):
+        a, b = wire[lo], wire[hi]
+        if need_min:
+            wire[lo] = f"mn{number}"
+            out.append((wire[lo], f"SMIN({a}, {b})"))
+        if need_max:
+            wire[hi] = f"mx{number}"
+            out.append((wire[hi], f"SMAX({a}, {b})"))
+    if len(middle) == 1:
+        out.append(("tau", f"{wire[middle[0]]} * tscale"))
+    else:
+        out.append(("tau", f"(({wire[middle[0]]} + {wire[middle[1]]}) * HALF) * tscale"))
+    if gate:
+        out.append(("ef", "d0 * d0"))
+        out += [("ef", f"FMA(d{i}, d{i}, ef)") for i in range(1, half)]  # _foreach_addcmul_
+        out.append(("ec", "a0 * a0"))
+        out += [("ec", f"FMA(a{i}, a{i}, ec)") for i in range(1, half)]
+        out.append(("tot", "SMAX(TINY, ec + ef)"))  # clamp_min, NaN kept
+        out.append(("tau", "tau * (ef / tot)"))
+    # (A NaN detail would make torch's median NaN where this network's need not be; it does
+    # not matter: that detail's own clamp below is NaN, and so is g_hat.)
+    out.append(("ntau", "-tau"))
+    # Level by level, finest first: details of width `width` sit at u[width : 2 * width].
+    width, prefix = half, "d"
+    approx = [f"a{i}" for i in range(half)]
+    level = 0
+    while True:
+        for i in range(width):
+            # clamp: a NaN detail propagates (second operand); a NaN tau is handled below
+            out.append(("gh", f"FMA(SMIN(tau, SMAX(ntau, {prefix}{i})), nu{width + i}, gh)"))
+        if width == 1:
+            # A NaN tau (inf details make E_f / E = inf / inf) turns torch's clamps NaN.
+            out.append(("gh", "(tau == tau ? gh : tau)"))
+            return out
+        width //= 2
+        level += 1
+        prefix = f"l{level}d"
+        new_approx = []
+        for i in range(width):
+            out.append((f"{prefix}{i}", f"({approx[2 * i]} - {approx[2 * i + 1]}) * SQH"))
+            if width > 1:
+                out.append((f"l{level}a{i}", f"({approx[2 * i]} + {approx[2 * i + 1]}) * SQH"))
+                new_approx.append(f"l{level}a{i}")
+        approx = new_approx
+
+
+def _adam_update_statements(pkind: str, on: frozenset[str]) -> Statements:
+    """``gh`` (the update's gradient, opmath) -> new p, m, v written back.
+
+    The order and the rounding points are those of torch's single-tensor Adam
+    (``torch.optim.adam._single_tensor_adam``): for a 16-bit parameter each tensor op rounds
+    its result to the parameter's dtype, here by a round trip.
+    """
+    c = compute_of(pkind)
+    R = functools.partial(_round, pkind, c)
+    out: Statements = [("p", _load(pkind, c, "P[e]"))]
+    if "l2" in on:
+        out.append(("gh", R("FMA(p, wd, gh)")))
+    if "decoupled" in on:
+        out.append(("p", R("p * keep")))
+    out.append(("m", _load(pkind, c, "M[e]")))
+    # torch's lerp: self + w * (end - self) for w < 0.5, else end + (w - 1) * (end - self).
+    out.append(("m", R("FMA(lw, gh - m, m)") if "lerp_small" in on else R("FMA(lw - (ct)1, gh - m, gh)")))
+    out.append(("v", R(f"FMA(c2 * gh, gh, {R(_load(pkind, c, 'V[e]') + ' * beta2')})")))
+    out.append(("vd", f"FMAX({_load(pkind, c, 'VM[e]')}, v)" if "amsgrad" in on else "v"))
+    out.append(("den", R(R(R("SQRT(vd)") + " / bc") + " + eps")))
+    # addcdiv: self + value * t1 / t2, evaluated left to right as in ATen's kernel
+    out.append(("pn", _store(pkind, c, "p + nss * m / den")))
+    out.append(("M[e]", _store(pkind, c, "m")))  # stores last (see generate)
+    out.append(("V[e]", _store(pkind, c, "v")))
+    if "amsgrad" in on:
+        out.append(("VM[e]", _store(pkind, c, "vd")))
+    out.append(("P[e]", "pn"))
+    return out
+
+
+def _sgd_update_statements(pkind: str, on: frozenset[str]) -> Statements:
+    """The element code of torch's single-tensor SGD (``torch.optim.sgd._single_tensor_sgd``)."""
+    c = compute_of(pkind)
+    R = functools.partial(_round, pkind, c)
+    out: Statements = [("p", _load(pkind, c, "P[e]"))]
+    if "l2" in on:
+        out.append(("gh", R("FMA(p, wd, gh)")))
+    if "momentum" in on:
+        # Loaded unconditionally (a fresh buffer holds garbage that is then not used), so that
+        # the select on the tensor's first step needs no branch.
+        out.append(("old", _load(pkind, c, "B[e]")))
+        decayed = R("old * mom")
+        out.append(("buf", f"(is_first ? gh : {R(f'FMA(gh, damp, {decayed})')})"))
+        out.append(("B[e]", _store(pkind, c, "buf")))
+        out.append(("gh", R("FMA(buf, nmom, gh)") if "nesterov" in on else "buf"))
+    out.append(("P[e]", _store(pkind, c, "FMA(gh, nlr, p)")))
+    return out
+
+
+def _emit(statements: Statements, types: dict[str, str], indent: str) -> list[str]:
+    """C lines: the first assignment of a name declares it (``ct`` unless ``types`` says otherwise)."""
+    declared: set[str] = set()
+    lines = []
+    for target, expr in statements:
+        if target.isidentifier() and target not in declared:
+            declared.add(target)
+            lines.append(f"{indent}{types.get(target, 'ct')} {target} = {expr};")
+        else:
+            lines.append(f"{indent}{target} = {expr};")
+    return lines
+
+
+_PRELUDE = """\
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+/* ``a < b ? a : b`` and ``a > b ? a : b``: one vminps / vmaxps each. They return ``b`` when
+   either is NaN; the filter puts the operand whose NaN must propagate second. */
+#define SMIN(a, b) ((a) < (b) ? (a) : (b))
+#define SMAX(a, b) ((a) > (b) ? (a) : (b))
+/* NaN-propagating, like torch.maximum: amsgrad's max. */
+#define FMAX(a, b) (((a) > (b) || (a) != (a)) ? (a) : (b))
+
+static inline float bf16_to_f32(uint16_t bits) {  /* exact */
+    uint32_t u = (uint32_t)bits << 16;
+    float x;
+    memcpy(&x, &u, 4);
+    return x;
+}
+
+static inline uint16_t f32_to_bf16(float x) {  /* round to nearest even, NaN -> 0x7FC0 (as c10::BFloat16) */
+    uint32_t u;
+    memcpy(&u, &x, 4);
+    uint16_t rounded = (uint16_t)((u + (((u >> 16) & 1u) + 0x7FFFu)) >> 16);
+    return x != x ? (uint16_t)0x7FC0 : rounded;
+}
+"""
+
+_F16 = """
+static inline float f16_to_f32(uint16_t bits) {  /* exact */
+    _Float16 h;
+    memcpy(&h, &bits, 2);
+    return (float)h;
+}
+
+static inline uint16_t f32_to_f16(float x) {  /* round to nearest even (as c10::Half) */
+    _Float16 h = (_Float16)x;
+    uint16_t bits;
+    memcpy(&bits, &h, 2);
+    return bits;
+}
+"""
+
+
+_ENTRY_POINTS = """
+/* Chunk ranges [edges[i], edges[i + 1]) for i < nranges, one thread each: OpenMP's threads when
+   compiled with it (the process's OpenMP runtime: torch's own pool), else one after another. */
+void wg_run(const int64_t *edges, int64_t nranges, const int64_t *ptrs, const int64_t *chunk_t, const int64_t *chunk_off,
+            const int64_t *chunk_len, const uint8_t *full, const uint8_t *first, const double *step_size,
+            const double *bc2_sqrt, const double *wv, const double *nuv, const double *sc) {
+    #pragma omp parallel for num_threads(nranges) schedule(static, 1)
+    for (int64_t i = 0; i < nranges; i++)
+        run_range(edges[i], edges[i + 1], ptrs, chunk_t, chunk_off, chunk_len, full, first, step_size, bc2_sqrt, wv, nuv, sc);
+}
+
+int wg_parallel(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+"""
+
+
+def generate(algo: str, n: int, pkind: str, skind: str, options: tuple[str, ...]) -> str:
+    """The C source of one kernel: ``chunk`` (the element loops), ``run_range`` (a range of
+    chunks) and the exported ``wg_run`` (ranges in parallel) and ``wg_parallel``.
+
+    ``algo`` is ``"adam"`` or ``"sgd"``; ``options`` are the names from ``OPTIONS[algo]``
+    that are on (``amsgrad`` adds a max_exp_avg_sq column, ``momentum`` a momentum buffer
+    column). Every value (lr, betas, the filter's weights, ...) is a run-time scalar.
+    """
+    on = frozenset(options)
+    c = compute_of(pkind)
+    if algo == "adam":
+        update = _adam_update_statements(pkind, on)
+        state = ["M", "V"] + (["VM"] if "amsgrad" in on else [])
+    else:
+        update = _sgd_update_statements(pkind, on)
+        state = ["B"] if "momentum" in on else []
+    pt, st = _CTYPE[pkind], _CTYPE[skind]
+
+    out = [f"/* Generated by waveguard_optim.kernels.cpu_c: {algo}, N={n}, param {pkind}, history {skind}, {sorted(on)} */"]
+    out.append(_PRELUDE + (_F16 if "f16" in (pkind, skind) else ""))
+    out.append(f"typedef {_CTYPE[c]} ct;")
+    suffix = "" if c == "f64" else "f"
+    out += [f"#define FMA fma{suffix}", f"#define SQRT sqrt{suffix}", f"#define ABS fabs{suffix}", ""]
+
+    columns = [("P", pt, True), ("G", pt, False)] + [(name, pt, True) for name in state]
+    columns += [(f"S{j}", st, j == n - 1) for j in range(n)]
+    pointers = ", ".join(f"{'' if written else 'const '}{ctype} *restrict {name}" for name, ctype, written in columns)
+    out.append("static inline void chunk(int64_t ln, int is_full, int is_first, double step_size, double bc2_sqrt,")
+    out.append(f"                         const double *wv, const double *nuv, const double *sc, {pointers}) {{")
+    # ginv = +-1 / grad_scale, a power of two: multiplying is dividing exactly.
+    body: Statements = [(name, f"(ct)sc[{k}]") for k, name in enumerate(SCALARS[algo]) if name != "threshold"]
+    body += [("SQH", "(ct)0.7071067811865476"), ("HALF", "(ct)0.5"), ("nss", "(ct)(-step_size)"), ("bc", "(ct)bc2_sqrt")]
+    body += [(f"w{j}", f"(ct)wv[{j}]") for j in range(n)]
+    body += [(f"nu{i}", f"(ct)nuv[{i}]") for i in range(1, n)]
+    out += _emit(body, {name: "const ct" for name, _ in body}, "    ")
+    out.append(f"    const int threshold = sc[{SCALARS[algo].index('threshold')}] != 0;")
+
+    head: Statements = [
+        # g = grad / grad_scale in the parameter's dtype, negated under maximize (exact).
+        ("g", _round(pkind, c, _load(pkind, c, "G[e]") + " * ginv")),
+        ("s", _store(skind, c, "g")),
+    ]
+    # Every store after every load: the N + 3 streams of a big tensor often share their
+    # address bits below 4 KiB (page-aligned allocations), where a load behind a store to
+    # the "same" low address waits for it (4K aliasing).
+    record: Statements = [(f"S{n - 1}[e]", "s")]
+    history: Statements = [(f"h{j}", _load(skind, c, f"S{j}[e]")) for j in range(n - 1)]
+    history.append((f"h{n - 1}", _load(skind, c, "s")))
+    to_param: Statements = [("gh", _round(pkind, c, "gh"))] if pkind != c else []  # g_hat in the parameter's dtype
+    loops = [
+        ("threshold && is_full", history + _filter_statements(n, True, "gate" in on) + to_param),
+        ("is_full", history + _filter_statements(n, False, False) + to_param),
+        (None, [("gh", "g")]),
+    ]
+    element_types = {"s": st, "pn": pt}
+    for number, (condition, statements) in enumerate(loops):
+        opening = "if" if number == 0 else "} else if"
+        out.append(f"    {opening} ({condition}) {{" if condition else "    } else {")
+        out.append("        for (int64_t e = 0; e < ln; e++) {")
+        out += _emit(head + statements + update + record, element_types, "            ")
+        out.append("        }")
+    out += ["    }", "}", ""]
+
+    args = ", ".join(f"({'' if written else 'const '}{ctype} *)r[{k}] + o" for k, (_, ctype, written) in enumerate(columns))
+    out.append("static void run_range(int64_t lo, int64_t hi, const int64_t *ptrs, const int64_t *chunk_t, const int64_t *chunk_off,")
+    out.append("                      const int64_t *chunk_len, const uint8_t *full, const uint8_t *first, const double *step_size,")
+    out.append("                      const double *bc2_sqrt, const double *wv, const double *nuv, const double *sc) {")
+    out.append("    for (int64_t k = lo; k < hi; k++) {")
+    out.append("        const int64_t t = chunk_t[k], o = chunk_off[k];")
+    out.append(f"        const int64_t *r = ptrs + {len(columns)} * t;")
+    out.append(f"        chunk(chunk_len[k], full[t] != 0, first[t] != 0, step_size[t], bc2_sqrt[t], wv, nuv, sc, {args});")
+    out.append("    }")
+    out.append("}")
+    out.append(_ENTRY_POINTS)
+    return "\n".join(out) + "\n"
+
+
+# ---------------------------------------------------------------------------------------
+# Compiling, caching and loading.
+
+FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared")
+"""``-ffp-contract=off``: no FMA the source does not ask for (the twin's roundings).
+``-fno-math-errno``: ``sqrt`` is one instruction. ``-fno-trapping-math``: selects may compute
+both sides (no FP exception is ever observed)."""
+
+OPENMP = "-fopenmp"
+"""Tried first. The library then needs ``libgomp.so.1``, which torch has already loaded: the
+kernel's threads are torch's own intra-op pool. (Threads of a second pool would compete with
+torch's, whose workers spin for a while after each parallel region: measured a fifth slower
+right after a torch op on 2 cores.) A compiler without OpenMP builds a serial ``wg_run``."""
+
+_ARGTYPES = [ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 11
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernel:
+    """A loaded variant: ``run`` is ``wg_run``; ``parallel`` says whether it runs its ranges on
+    OpenMP threads (else the caller runs one range per thread of its own)."""
+
+    run: Any
+    parallel: bool
+
+
+def find_compiler() -> str | None:
+    """``$CC`` if set, else the first of cc, gcc, clang on the PATH; None when there is none."""
+    return _find_compiler(os.environ.get("CC"), os.environ.get("PATH"))
+
+
+@functools.lru_cache(maxsize=8)
+def _find_compiler(cc: str | None, path: str | None) -> str | None:
+    if cc:
+        return cc
+    for name in ("cc", "gcc", "clang"):
+        found = shutil.which(name, path=path)
+        if found:
+            return found
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _toolchain_id(compiler: str) -> str:
+    """What a compiled kernel depends on besides its source: the compiler and the CPU."""
+    try:
+        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        version = ""
+    cpu = platform.machine() + platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu += "".join(sorted({line for line in f if line.startswith(("model name", "flags"))}))
+    except OSError:
+        pass
+    return "\n".join([compiler, version, cpu, " ".join(FLAGS), OPENMP])
+
+
+def cache_dir() -> Path:
+    """Where compiled kernels live.
+
+    ``WAVEGUARD_CACHE_DIR`` if set, else ``$XDG_CACHE_HOME/waveguard_optim`` (``~/.cache``),
+    else a folder in the temp dir when the home cache is not writable.
+    """
+    root = os.environ.get("WAVEGUARD_CACHE_DIR")
+    if root:
+        base = Path(root)
+    else:
+        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "waveguard_optim"
+    folder = base / f"c-{platform.system().lower()}-{platform.machine()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".probe-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError:
+        folder = Path(tempfile.gettempdir()) / "waveguard_optim" / folder.name
+        folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def _build(source: str, target: Path, compiler: str) -> None:
+    """Compile ``source`` into the shared library ``target`` (with OpenMP if the compiler has
+    it), atomically: a concurrent process either sees no file or a whole one."""
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        c_file, library = Path(tmp) / "kernel.c", Path(tmp) / target.name
+        c_file.write_text(source)
+        for extra in ([OPENMP], []):
+            res = subprocess.run([compiler, *FLAGS, *extra, str(c_file), "-o", str(library)], capture_output=True, text=True)
+            if res.returncode == 0:
+                os.replace(library, target)
+                return
+        raise RuntimeError(f"{compiler} failed to compile {target.stem}: {res.stderr.strip()[:2000]}")
+
+
+_LOCK = threading.Lock()
+_LOADED: dict[tuple[Any, ...], Kernel] = {}
+
+
+def get_kernel(algo: str, n: int, pkind: str, skind: str, options: tuple[str, ...]) -> Kernel:
+    """This variant, compiled on first use and loaded from the disk cache afterwards. Raises
+    ``RuntimeError`` when there is no C compiler or it cannot build the variant."""
+    key = (algo, n, pkind, skind, options)
+    kernel = _LOADED.get(key)
+    if kernel is not None:
+        return kernel
+    with _LOCK:
+        kernel = _LOADED.get(key)
+        if kernel is None:
+            compiler = find_compiler()
+            if compiler is None:
+                raise RuntimeError("no C compiler found (set CC, or install cc, gcc or clang)")
+            source = generate(algo, n, pkind, skind, options)
+            digest = hashlib.sha256((_toolchain_id(compiler) + source).encode()).hexdigest()[:16]
+            suffix = ".dll" if sys.platform == "win32" else ".so"
+            variant = "-".join(options) or "plain"
+            path = cache_dir() / f"wg_{algo}_n{n}_{pkind}_{skind}_{variant}_{digest}{suffix}"
+            if not path.exists():
+                _build(source, path, compiler)
+            library = ctypes.CDLL(str(path))
+            library.wg_run.argtypes, library.wg_run.restype = _ARGTYPES, None
+            kernel = _LOADED[key] = Kernel(library.wg_run, bool(library.wg_parallel()))
+    return kernel
