@@ -38,7 +38,9 @@ tensor's worth of temporary memory each), complex tensors as their real view.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
+import operator
 import os
 import threading
 import warnings
@@ -165,9 +167,26 @@ def _common_scalars(scale: float | None, maximize: bool, constants: tuple[Any, .
     )
 
 
+_DTYPE, _IS_CPU, _IS_SPARSE = (operator.attrgetter(name) for name in ("dtype", "is_cpu", "is_sparse"))
+
+
+def _uniform_group(params: Sequence[Tensor], grads: Sequence[Tensor], histories: Sequence[Sequence[Tensor]]) -> tuple[Any, ...] | None:
+    """The group key when every tensor passes ``_groups``' checks and all share it (the usual
+    case, checked a list at a time), else None."""
+    pdtypes, sdtypes = set(map(_DTYPE, params)), set(map(_DTYPE, itertools.chain.from_iterable(histories)))
+    lengths = set(map(len, histories))
+    if len(pdtypes) == len(sdtypes) == len(lengths) == 1 and pdtypes <= _KINDS.keys() and sdtypes <= _KINDS.keys():
+        if all(map(_IS_CPU, params)) and all(map(_IS_CPU, grads)) and not any(map(_IS_SPARSE, grads)) and 0 not in lengths:
+            return (*pdtypes, *sdtypes, *lengths, False)
+    return None
+
+
 def _groups(params: Sequence[Tensor], grads: Sequence[Tensor], histories: Sequence[Sequence[Tensor]]) -> dict[tuple[Any, ...], list[int]]:
     """Indices by (real param dtype, history dtype, N, complex), after checking what every back end needs.
     The history dtype is None where a parameter's slots disagree (those go to the torch back end)."""
+    key = _uniform_group(params, grads, histories)
+    if key is not None:
+        return {key: list(range(len(params)))}
     out: dict[tuple[Any, ...], list[int]] = {}
     for i, (p, g, h) in enumerate(zip(params, grads, histories)):
         if not (p.is_cpu and g.is_cpu):
