@@ -206,6 +206,22 @@ def _groups(params: Sequence[Tensor], grads: Sequence[Tensor], histories: Sequen
     return out
 
 
+def _check_sizes(params: Sequence[Tensor], columns: dict[str, Sequence[Tensor]], histories: Sequence[Sequence[Tensor]]) -> None:
+    """Every gradient, state and history tensor holds as many elements as its parameter: the C
+    kernel walks them all by the parameter's count. Refused before anything changes."""
+    sizes = list(map(Tensor.numel, params))
+    owner = [i for i, h in enumerate(histories) for _ in h]
+    checks = [(name, tensors, range(len(params))) for name, tensors in columns.items()]
+    for name, tensors, owners in [*checks, ("wave_history", [s for h in histories for s in h], owner)]:
+        got = list(map(Tensor.numel, tensors))
+        if got != [sizes[i] for i in owners]:
+            k = next(k for k, i in enumerate(owners) if got[k] != sizes[i])
+            raise RuntimeError(
+                f"The fused CPU step needs {name} tensors of their parameter's size: parameter {owners[k]} "
+                f"has {sizes[owners[k]]} elements, its {name} tensor {got[k]} elements"
+            )
+
+
 def _picker(members: list[int], total: int) -> Any:
     """``xs -> [xs[i] for i in members]``; the identity when the members are everything."""
     if len(members) == total:
@@ -303,6 +319,10 @@ def _run_c(
         kernel.run(ranges[0], 1, *pointers)
         for future in futures:
             future.result()
+    # Written through raw pointers: tell autograd, as torch's in-place ops do (a graph that saved
+    # a parameter then refuses to backward through the stale value).
+    written = [0, *range(2, width - n), width - 1]  # p, the state columns, the newest slot
+    torch.autograd.graph.increment_version([t for k in written for t in operands[k::width]])
     return True
 
 
@@ -502,6 +522,8 @@ def fused_wave_adam_(
     if not params:
         return
     groups = _groups(params, grads, histories)
+    state = dict(exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs) | (dict(max_exp_avg_sqs=max_exp_avg_sqs) if amsgrad else {})
+    _check_sizes(params, dict(grads=grads, **state), histories)
     use = _resolve_backend(backend)
     b1, b2, lr_, wd = _to_float(beta1), _to_float(beta2), _to_float(lr), _to_float(weight_decay)
     scale = None if grad_scale is None else _to_float(grad_scale)
@@ -576,6 +598,8 @@ def fused_wave_sgd_(
     if not params:
         return
     groups = _groups(params, grads, histories)
+    buffers_so_far = [p if b is None else b for p, b in zip(params, momentum_buffers)] if momentum != 0 else params
+    _check_sizes(params, dict(grads=grads, momentum_buffers=buffers_so_far), histories)
     use = _resolve_backend(backend)
     lr_, wd, mom, damp = _to_float(lr), _to_float(weight_decay), float(momentum), float(dampening)
     scale = None if grad_scale is None else _to_float(grad_scale)

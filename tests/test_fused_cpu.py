@@ -14,6 +14,7 @@ caches it on disk; the cases share variants where they can.
 
 from __future__ import annotations
 
+import copy
 import math
 import sys
 import warnings
@@ -23,6 +24,7 @@ from typing import Any
 import pytest
 import torch
 
+from waveguard_optim import WaveAdam, WaveSGD
 from waveguard_optim._compat import adam_functional, sgd_functional
 from waveguard_optim.denoise import claim_histories, record_and_filter
 from waveguard_optim.kernels import cpu_step
@@ -384,6 +386,29 @@ def test_refusals(backend: str) -> None:
         _adam_call([i], [i.clone()], backend)
     with pytest.raises(ValueError, match="backend"):
         _adam_call([p], [p.clone()], "cuda")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("key", ["exp_avg", "momentum_buffer", "wave_history_1"])
+def test_a_state_tensor_of_the_wrong_size_is_refused_before_anything_changes(key: str, backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernel walks every tensor by its parameter's element count: a state or history tensor
+    of another size (a foreign checkpoint, a hand edit) is refused with a RuntimeError naming it,
+    and the step leaves every state as it was (ring position, step count, values)."""
+    monkeypatch.setenv("WAVEGUARD_CPU_BACKEND", backend)
+    p = torch.nn.Parameter(torch.randn(300))
+    opt = WaveSGD([p], lr=0.1, momentum=0.9, buffer_size=2) if key == "momentum_buffer" else WaveAdam([p], lr=0.1, buffer_size=2)
+    for _ in range(3):
+        p.grad = torch.randn(300)
+        opt.step()
+    opt.state[p][key] = torch.zeros(299)
+    before = copy.deepcopy(opt.state[p]), p.detach().clone()
+    p.grad = torch.randn(300)
+    column = {"exp_avg": "exp_avgs", "momentum_buffer": "momentum_buffers", "wave_history_1": "wave_history"}[key]
+    with pytest.raises(RuntimeError, match=f"parameter 0 has 300 elements, its {column} tensor 299 elements"):
+        opt.step()
+    assert opt.state[p].keys() == before[0].keys() and torch.equal(p, before[1])
+    for name, value in before[0].items():
+        assert torch.equal(opt.state[p][name], value) if isinstance(value, torch.Tensor) else opt.state[p][name] == value, name
 
 
 def test_without_a_compiler_the_torch_back_end_runs(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -216,6 +216,28 @@ def test_warm_up_uses_the_full_precision_gradient():
     torch.testing.assert_close(p, q, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("path", PATHS.values(), ids=PATHS.keys())
+@pytest.mark.parametrize("cls, torch_cls", [(WaveAdam, torch.optim.Adam), (WaveSGD, torch.optim.SGD)], ids=["adam", "sgd"])
+def test_step_is_an_in_place_update_autograd_sees(path, cls, torch_cls):
+    """As with torch's optimizers (whose in-place ops bump version counters), a graph that saved
+    a parameter refuses to backward after a step changed it, and the state tensors' versions move."""
+    hyper = dict(lr=0.1, momentum=0.9) if cls is WaveSGD else dict(lr=0.1)
+    for make in (lambda ps: torch_cls(ps, **hyper), lambda ps: cls(ps, buffer_size=2, **path, **hyper)):
+        p = torch.nn.Parameter(torch.randn(5))
+        opt = make([p])
+        for step in range(3):  # past warm-up: the filter runs
+            p.grad = torch.randn(5)
+            opt.step()
+        saved = (p * p).sum()  # saves p for backward
+        before = {k: v._version for k, v in opt.state[p].items() if isinstance(v, torch.Tensor) and k != "step"}
+        p.grad = torch.randn(5)
+        opt.step()
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            saved.backward()
+        moved = {k for k, v in opt.state[p].items() if k in before and v._version != before[k]}
+        assert moved >= {k for k in before if not k.startswith("wave_history")}, (type(opt).__name__, moved)
+
+
 def test_sparse_gradients_are_refused():
     for cls in (WaveAdam, WaveSGD):
         p = torch.nn.Parameter(torch.zeros(4))
