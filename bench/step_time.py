@@ -4,8 +4,9 @@
 
 For every size and layout ("single": one tensor; "model": a transformer-shaped set of 146
 tensors, 12 blocks of attention and MLP weights, biases and norms), all contenders step the
-same parameters and gradients side by side in one process, round robin, so that a busy
-machine slows them alike. Each row reports the median of ``--repeats`` timed steps, after
+same parameters and gradients side by side in one process, round robin in a fresh random
+order each round (a contender right after one that frees gigabytes of temporaries runs
+slower; no contender should always be that one), so that a busy machine slows them alike. Each row reports the median of ``--repeats`` timed steps, after
 ``buffer_size + 2`` untimed ones (the history is full: the filter runs):
 
 - ms/step and the ratio to torch's fused Adam (SGD rows: torch's fused SGD);
@@ -37,6 +38,7 @@ import json
 import math
 import os
 import platform
+import random
 import statistics
 import subprocess
 import sys
@@ -214,9 +216,11 @@ def bench_one(algo: str, total: int, layout: str, args: argparse.Namespace, path
         for _ in range(args.buffer_size + 1):
             step()
     times: dict[str, list[float]] = {name: [] for name in steps}
+    order, shuffle = list(steps), random.Random(0).shuffle
     for _ in range(args.repeats):
-        for name, step in steps.items():
-            times[name].append(measure(step))
+        shuffle(order)
+        for name in order:
+            times[name].append(measure(steps[name]))
     memory = {name: peak_extra_bytes(step) for name, step in steps.items()} if args.memory and args.device == "cpu" else {}
 
     base_name = "torch fused" if "torch fused" in times else next(iter(times), None)
