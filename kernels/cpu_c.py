@@ -235,6 +235,25 @@ static inline float bf16_to_f32(uint16_t bits) {  /* exact */
     return x;
 }
 
+/* Adam's step counts: increment each (float32 or float64 scalars, as torch's _foreach_add_), then
+   step_size = lr / (1 - beta1^step) and bc2_sqrt = (1 - beta2^step)^0.5 with libm's pow, as
+   torch's single-tensor Adam computes them in Python (whose float ** is that pow). */
+void wg_steps(const int64_t *steps, int64_t count, int f64, double lr, double beta1, double beta2,
+              double *step_size, double *bc2_sqrt) {
+    for (int64_t t = 0; t < count; t++) {
+        double step;
+        if (f64) {
+            double *s = (double *)steps[t];
+            step = *s = *s + 1.0;
+        } else {
+            float *s = (float *)steps[t];
+            step = *s = *s + 1.0f;
+        }
+        step_size[t] = lr / (1.0 - pow(beta1, step));
+        bc2_sqrt[t] = pow(1.0 - pow(beta2, step), 0.5);
+    }
+}
+
 static inline uint16_t f32_to_bf16(float x) {  /* round to nearest even, NaN -> 0x7FC0 (as c10::BFloat16) */
     uint32_t u;
     memcpy(&u, &x, 4);
@@ -282,7 +301,7 @@ int wg_parallel(void) {
 
 def generate(algo: str, n: int, pkind: str, skind: str, options: tuple[str, ...]) -> str:
     """The C source of one kernel: ``chunk`` (the element loops), ``run_range`` (a range of
-    chunks) and the exported ``wg_run`` (ranges in parallel) and ``wg_parallel``.
+    chunks) and the exported ``wg_run`` (ranges in parallel), ``wg_parallel`` and ``wg_steps``.
 
     ``algo`` is ``"adam"`` or ``"sgd"``; ``options`` are the names from ``OPTIONS[algo]``
     that are on (``amsgrad`` adds a max_exp_avg_sq column, ``momentum`` a momentum buffer
@@ -371,15 +390,19 @@ kernel's threads are torch's own intra-op pool. (Threads of a second pool would 
 torch's, whose workers spin for a while after each parallel region: measured a fifth slower
 right after a torch op on 2 cores.) A compiler without OpenMP builds a serial ``wg_run``."""
 
-_ARGTYPES = [ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 11
+_RUN_ARGS = [ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 11
+_STEPS_ARGS = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double, ctypes.c_double, ctypes.c_double]
+_STEPS_ARGS += [ctypes.c_void_p] * 2
 
 
 @dataclasses.dataclass(frozen=True)
 class Kernel:
-    """A loaded variant: ``run`` is ``wg_run``; ``parallel`` says whether it runs its ranges on
-    OpenMP threads (else the caller runs one range per thread of its own)."""
+    """A loaded variant: ``run`` is ``wg_run``, ``steps`` is ``wg_steps``; ``parallel`` says
+    whether ``run`` runs its ranges on OpenMP threads (else the caller runs one range per thread
+    of its own)."""
 
     run: Any
+    steps: Any
     parallel: bool
 
 
@@ -477,6 +500,7 @@ def get_kernel(algo: str, n: int, pkind: str, skind: str, options: tuple[str, ..
             if not path.exists():
                 _build(source, path, compiler)
             library = ctypes.CDLL(str(path))
-            library.wg_run.argtypes, library.wg_run.restype = _ARGTYPES, None
-            kernel = _LOADED[key] = Kernel(library.wg_run, bool(library.wg_parallel()))
+            library.wg_run.argtypes, library.wg_run.restype = _RUN_ARGS, None
+            library.wg_steps.argtypes, library.wg_steps.restype = _STEPS_ARGS, None
+            kernel = _LOADED[key] = Kernel(library.wg_run, library.wg_steps, bool(library.wg_parallel()))
     return kernel

@@ -259,34 +259,68 @@ def _workers(threads: int) -> ThreadPoolExecutor:
     return pool
 
 
-def _run_c(
-    algo: str,
-    options: dict[str, bool],
-    pkind: str,
-    skind: str,
-    n: int,
-    operands: list[Tensor],
-    full: list[bool],
-    first: list[bool],
-    step_size: list[float],
-    bc2_sqrt: list[float],
-    filter_constants: tuple[Any, ...],
-    scalars: dict[str, float],
-) -> bool:
-    """Run one kernel over tensors whose ``operands`` (real and contiguous, a row per tensor in
-    the kernel's column order: see ``_Operands.rows``) on ``torch.get_num_threads()`` threads.
-    ``options`` and ``scalars`` are by name (``cpu_c.OPTIONS`` and ``cpu_c.SCALARS``).
-    False if this variant cannot be built here (the caller then uses the torch back end)."""
+def _c_kernel(algo: str, options: dict[str, bool], pkind: str, skind: str, n: int) -> cpu_c.Kernel | None:
+    """The C kernel variant for these switches (by name: ``cpu_c.OPTIONS``), or None if it
+    cannot be built here (the caller then uses the torch back end; warned once per variant)."""
     switches = tuple(name for name in cpu_c.OPTIONS[algo] if options[name])
     key = (algo, n, pkind, skind, switches)
     if key in _broken_variants:
-        return False
+        return None
     try:
-        kernel = cpu_c.get_kernel(algo, n, pkind, skind, switches)
+        return cpu_c.get_kernel(algo, n, pkind, skind, switches)
     except Exception as err:  # noqa: BLE001 - any failure to build a kernel means: use torch
         _broken_variants.add(key)
-        warnings.warn(f"waveguard_optim: fused CPU kernel {key} unavailable ({_short(err)}); using the torch back end", stacklevel=3)
-        return False
+        warnings.warn(f"waveguard_optim: fused CPU kernel {key} unavailable ({_short(err)}); using the torch back end", stacklevel=4)
+        return None
+
+
+def _plans(
+    algo: str, switches: dict[str, bool], groups: dict[tuple[Any, ...], list[int]], use_c: bool
+) -> list[tuple[tuple[Any, ...], list[int], cpu_c.Kernel | None]]:
+    """``(group key, members, C kernel or None for the torch back end)`` per group, every kernel
+    loaded before anything is written. Slots of mixed dtypes (history dtype None) take torch."""
+    return [
+        (key, members, _c_kernel(algo, switches, _KINDS[key[0]], _KINDS[key[1]], key[2]) if use_c and key[1] else None)
+        for key, members in groups.items()
+    ]
+
+
+def _adam_steps(
+    state_steps: list[Tensor], lr: float, beta1: float, beta2: float, kernel: cpu_c.Kernel | None
+) -> tuple[Sequence[float], Sequence[float]]:
+    """Increment the step counts; return torch Adam's ``step_size`` and ``sqrt(bias_correction2)``
+    per tensor. In C (one call, the same libm ``pow`` as Python's ``**``) when a kernel is given
+    and the steps are CPU scalars of one float dtype, else as torch does it."""
+    dtypes = set(map(_DTYPE, state_steps))
+    if kernel is not None and len(dtypes) == 1 and dtypes <= {torch.float32, torch.float64}:
+        if all(map(_IS_CPU, state_steps)) and all(t.numel() == 1 for t in state_steps):
+            count = len(state_steps)
+            pointers = np.array(list(map(Tensor.data_ptr, state_steps)), dtype=np.int64)
+            step_size, bc2_sqrt = np.empty(count), np.empty(count)
+            f64 = torch.float64 in dtypes
+            kernel.steps(pointers.ctypes.data, count, f64, lr, beta1, beta2, step_size.ctypes.data, bc2_sqrt.ctypes.data)
+            torch.autograd.graph.increment_version(state_steps)
+            return step_size, bc2_sqrt
+    torch._foreach_add_(state_steps, 1)
+    steps = torch.stack(state_steps).tolist() if len(state_steps) > 1 else [state_steps[0].item()]
+    return [lr / (1 - beta1**step) for step in steps], [(1 - beta2**step) ** 0.5 for step in steps]
+
+
+def _run_c(
+    kernel: cpu_c.Kernel,
+    algo: str,
+    n: int,
+    operands: list[Tensor],
+    full: Sequence[bool],
+    first: Sequence[bool],
+    step_size: Sequence[float],
+    bc2_sqrt: Sequence[float],
+    filter_constants: tuple[Any, ...],
+    scalars: dict[str, float],
+) -> None:
+    """Run ``kernel`` over tensors whose ``operands`` (real and contiguous, a row per tensor in
+    the kernel's column order: see ``_Operands.rows``) on ``torch.get_num_threads()`` threads.
+    ``scalars`` are by name (``cpu_c.SCALARS``)."""
     width = len(operands) // len(full)
     sizes = np.array([p.numel() for p in operands[::width]], dtype=np.int64)
     ptrs = np.array(list(map(Tensor.data_ptr, operands)), dtype=np.int64)
@@ -299,8 +333,8 @@ def _run_c(
         length,
         np.array(full, dtype=np.uint8),
         np.array(first, dtype=np.uint8),
-        np.array(step_size, dtype=np.float64),
-        np.array(bc2_sqrt, dtype=np.float64),
+        np.asarray(step_size, dtype=np.float64),
+        np.asarray(bc2_sqrt, dtype=np.float64),
         np.array(w, dtype=np.float64),
         np.array(neg_u, dtype=np.float64),
         np.array([scalars[name] for name in cpu_c.SCALARS[algo]], dtype=np.float64),
@@ -323,7 +357,6 @@ def _run_c(
     # a parameter then refuses to backward through the stale value).
     written = [0, *range(2, width - n), width - 1]  # p, the state columns, the newest slot
     torch.autograd.graph.increment_version([t for k in written for t in operands[k::width]])
-    return True
 
 
 # ---------------------------------------------------------------------------------------
@@ -527,49 +560,44 @@ def fused_wave_adam_(
     use = _resolve_backend(backend)
     b1, b2, lr_, wd = _to_float(beta1), _to_float(beta2), _to_float(lr), _to_float(weight_decay)
     scale = None if grad_scale is None else _to_float(grad_scale)
-    torch._foreach_add_(state_steps, 1)
-    steps = torch.stack(state_steps).tolist() if len(state_steps) > 1 else [state_steps[0].item()]
-    step_size = [lr_ / (1 - b1**step) for step in steps]
-    bc2_sqrt = [(1 - b2**step) ** 0.5 for step in steps]
     wd_mode = "none" if wd == 0 else ("decoupled" if decoupled_weight_decay else "l2")
+    switches = dict(
+        amsgrad=amsgrad,
+        l2=wd_mode == "l2",
+        decoupled=wd_mode == "decoupled",
+        lerp_small=abs(1 - b1) < 0.5,  # which of torch's two lerp formulas
+        gate=snr_gate,
+    )
+    plans = _plans("adam", switches, groups, use == "c" and _exact_reciprocal(scale))
+    kernels = [kernel for *_, kernel in plans]
+    step_size, bc2_sqrt = _adam_steps(state_steps, lr_, b1, b2, kernels[0] if all(kernels) else None)
 
-    for (pdtype, sdtype, n, _), members in groups.items():
+    for (pdtype, _, n, _), members, kernel in plans:
         constants = _filter_constants(n, decay, threshold_scale)
-        options = dict(decay=decay, threshold_scale=threshold_scale, snr_gate=snr_gate)
         pick = _picker(members, len(params))
-        if use == "c" and sdtype is not None and _exact_reciprocal(scale):
-            ops = _Operands()
-            state = [exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if amsgrad else [])
-            operands = ops.rows(pick(params), pick(grads), [pick(s) for s in state], pick(histories), pdtype)
-            alpha = functools.partial(_as_alpha, pdtype)
-            scalars = _common_scalars(scale, maximize, constants, pdtype) | dict(
-                lw=1 - b1,  # lerp weight
-                beta2=b2,
-                c2=1 - b2,
-                eps=alpha(eps),  # add_(eps)
-                wd=alpha(wd),  # grad.add(param, alpha=weight_decay)
-                keep=1 - lr_ * wd,
-            )
-            switches = dict(
-                amsgrad=amsgrad,
-                l2=wd_mode == "l2",
-                decoupled=wd_mode == "decoupled",
-                lerp_small=abs(1 - b1) < 0.5,  # which of torch's two lerp formulas
-                gate=snr_gate,
-            )
-            ran = _run_c(
-                "adam", switches, _KINDS[pdtype], _KINDS[sdtype], n, operands,
-                pick(full), [False] * len(members), pick(step_size), pick(bc2_sqrt), constants, scalars,
+        if kernel is None:
+            _torch_adam(
+                pick(params), pick(grads), pick(exp_avgs), pick(exp_avg_sqs), pick(max_exp_avg_sqs) if amsgrad else [],
+                pick(histories), pick(full), pick(step_size), pick(bc2_sqrt),
+                amsgrad=amsgrad, beta1=b1, beta2=b2, lr=lr_, weight_decay=wd, eps=eps, decoupled=decoupled_weight_decay,
+                maximize=maximize, grad_scale=scale,
+                filter_options=dict(decay=decay, threshold_scale=threshold_scale, snr_gate=snr_gate),
             )  # fmt: skip
-            if ran:
-                ops.finish()
-                continue
-        _torch_adam(
-            pick(params), pick(grads), pick(exp_avgs), pick(exp_avg_sqs), pick(max_exp_avg_sqs) if amsgrad else [],
-            pick(histories), pick(full), pick(step_size), pick(bc2_sqrt),
-            amsgrad=amsgrad, beta1=b1, beta2=b2, lr=lr_, weight_decay=wd, eps=eps, decoupled=decoupled_weight_decay,
-            maximize=maximize, grad_scale=scale, filter_options=options,
-        )  # fmt: skip
+            continue
+        ops = _Operands()
+        columns = [exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if amsgrad else [])
+        operands = ops.rows(pick(params), pick(grads), [pick(c) for c in columns], pick(histories), pdtype)
+        alpha = functools.partial(_as_alpha, pdtype)
+        scalars = _common_scalars(scale, maximize, constants, pdtype) | dict(
+            lw=1 - b1,  # lerp weight
+            beta2=b2,
+            c2=1 - b2,
+            eps=alpha(eps),  # add_(eps)
+            wd=alpha(wd),  # grad.add(param, alpha=weight_decay)
+            keep=1 - lr_ * wd,
+        )
+        _run_c(kernel, "adam", n, operands, pick(full), [False] * len(members), pick(step_size), pick(bc2_sqrt), constants, scalars)
+        ops.finish()
 
 
 @torch.compiler.disable
@@ -611,32 +639,27 @@ def fused_wave_sgd_(
                 first[i] = True
     buffers: list[Tensor] = momentum_buffers  # type: ignore[assignment]
 
-    for (pdtype, sdtype, n, _), members in groups.items():
+    switches = dict(momentum=mom != 0, l2=wd != 0, nesterov=nesterov, gate=snr_gate)
+    for (pdtype, _, n, _), members, kernel in _plans("sgd", switches, groups, use == "c" and _exact_reciprocal(scale)):
         constants = _filter_constants(n, decay, threshold_scale)
-        options = dict(decay=decay, threshold_scale=threshold_scale, snr_gate=snr_gate)
         pick = _picker(members, len(params))
-        if use == "c" and sdtype is not None and _exact_reciprocal(scale):
-            ops = _Operands()
-            operands = ops.rows(pick(params), pick(grads), [pick(buffers)] if mom != 0 else [], pick(histories), pdtype)
-            alpha = functools.partial(_as_alpha, pdtype)
-            scalars = _common_scalars(scale, maximize, constants, pdtype) | dict(
-                wd=alpha(wd),  # grad.add(param, alpha=weight_decay)
-                mom=mom,  # buf.mul_(momentum)
-                damp=alpha(1 - damp),  # buf.add_(grad, alpha=1 - dampening)
-                nlr=alpha(-lr_),  # param.add_(grad, alpha=-lr)
-                nmom=alpha(mom),  # grad.add(buf, alpha=momentum)
-            )
-            switches = dict(momentum=mom != 0, l2=wd != 0, nesterov=nesterov, gate=snr_gate)
-            ran = _run_c(
-                "sgd", switches, _KINDS[pdtype], _KINDS[sdtype], n, operands,
-                pick(full), pick(first),
-                [0.0] * len(members), [0.0] * len(members), constants, scalars,
+        if kernel is None:
+            _torch_sgd(
+                pick(params), pick(grads), pick(buffers) if mom != 0 else [], pick(first), pick(histories), pick(full),
+                weight_decay=wd, momentum=mom, lr=lr_, dampening=damp, nesterov=nesterov, maximize=maximize,
+                grad_scale=scale, filter_options=dict(decay=decay, threshold_scale=threshold_scale, snr_gate=snr_gate),
             )  # fmt: skip
-            if ran:
-                ops.finish()
-                continue
-        _torch_sgd(
-            pick(params), pick(grads), pick(buffers) if mom != 0 else [], pick(first), pick(histories), pick(full),
-            weight_decay=wd, momentum=mom, lr=lr_, dampening=damp, nesterov=nesterov, maximize=maximize,
-            grad_scale=scale, filter_options=options,
-        )  # fmt: skip
+            continue
+        ops = _Operands()
+        operands = ops.rows(pick(params), pick(grads), [pick(buffers)] if mom != 0 else [], pick(histories), pdtype)
+        alpha = functools.partial(_as_alpha, pdtype)
+        scalars = _common_scalars(scale, maximize, constants, pdtype) | dict(
+            wd=alpha(wd),  # grad.add(param, alpha=weight_decay)
+            mom=mom,  # buf.mul_(momentum)
+            damp=alpha(1 - damp),  # buf.add_(grad, alpha=1 - dampening)
+            nlr=alpha(-lr_),  # param.add_(grad, alpha=-lr)
+            nmom=alpha(mom),  # grad.add(buf, alpha=momentum)
+        )
+        zeros = [0.0] * len(members)
+        _run_c(kernel, "sgd", n, operands, pick(full), pick(first), zeros, zeros, constants, scalars)
+        ops.finish()

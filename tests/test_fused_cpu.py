@@ -21,6 +21,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -302,6 +303,23 @@ def test_many_chunks_and_threads(backend: str, monkeypatch: pytest.MonkeyPatch) 
         run_case(Case("sgd", sizes=(1000, 129, 3, 96), options=dict(momentum=0.9)), backend)
     finally:
         torch.set_num_threads(threads)
+
+
+@needs_cc
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_step_counts_and_bias_corrections_in_c_equal_torchs(dtype: torch.dtype) -> None:
+    """The C kernel increments Adam's step counts and computes lr / (1 - beta1^t) and
+    (1 - beta2^t)^0.5 itself: bit for bit what torch does (a _foreach_add_, then Python floats)."""
+    kernel = cpu_c.get_kernel("adam", 2, "f32", "f32", ())
+    counts = [0.0, 1.0, 7.0, 255.0, 4096.0, 123456.0, 16777215.0]
+    for lr, b1, b2 in [(1e-3, 0.9, 0.999), (0.05, 0.3, 0.99), (1.0, 0.0, 0.5)]:
+        in_c = [torch.tensor(c, dtype=dtype) for c in counts]
+        in_torch = [t.clone() for t in in_c]
+        got = cpu_step._adam_steps(in_c, lr, b1, b2, kernel)
+        expected = cpu_step._adam_steps(in_torch, lr, b1, b2, None)
+        assert isinstance(got[0], np.ndarray) and isinstance(expected[0], list)  # the two ways were taken
+        assert [list(x) for x in got] == [list(x) for x in expected]
+        assert [t.item() for t in in_c] == [t.item() for t in in_torch]
 
 
 @needs_cc
