@@ -29,6 +29,7 @@ import functools
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -407,7 +408,8 @@ class Kernel:
 
 
 def find_compiler() -> str | None:
-    """``$CC`` if set, else the first of cc, gcc, clang on the PATH; None when there is none."""
+    """``$CC`` if set (a command line: ``ccache gcc`` works), else the first of cc, gcc, clang on
+    the PATH; None when there is none."""
     return _find_compiler(os.environ.get("CC"), os.environ.get("PATH"))
 
 
@@ -426,7 +428,7 @@ def _find_compiler(cc: str | None, path: str | None) -> str | None:
 def _toolchain_id(compiler: str) -> str:
     """What a compiled kernel depends on besides its source: the compiler and the CPU."""
     try:
-        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+        version = subprocess.run([*shlex.split(compiler), "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError):
         version = ""
     cpu = platform.machine() + platform.processor()
@@ -468,7 +470,8 @@ def _build(source: str, target: Path, compiler: str) -> None:
         c_file, library = Path(tmp) / "kernel.c", Path(tmp) / target.name
         c_file.write_text(source)
         for extra in ([OPENMP], []):
-            res = subprocess.run([compiler, *FLAGS, *extra, str(c_file), "-o", str(library)], capture_output=True, text=True)
+            command = [*shlex.split(compiler), *FLAGS, *extra, str(c_file), "-o", str(library)]
+            res = subprocess.run(command, capture_output=True, text=True)
             if res.returncode == 0:
                 os.replace(library, target)
                 return
