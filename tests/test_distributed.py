@@ -31,12 +31,6 @@ LR = 0.02
 WAVE = dict(buffer_size=4, decay=0.8)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _spawn(fn, *args) -> None:
     """Run ``fn(rank, *args)`` on WORLD spawned processes; fail (and kill them) after TIMEOUT_S."""
     context = mp.start_processes(fn, args=args, nprocs=WORLD, join=False, start_method="spawn")
@@ -49,13 +43,14 @@ def _spawn(fn, *args) -> None:
             pytest.fail(f"distributed workers did not finish within {TIMEOUT_S} s")
 
 
-def _init(rank: int, port: int) -> None:
+def _init(rank: int, out_dir: str) -> None:
     if "lo" in {name for _, name in socket.if_nameindex()}:
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
+        # A file store: no TCP port to pick in advance, which another process could take first.
+        init_method=f"file://{os.path.join(out_dir, 'store')}",
         rank=rank,
         world_size=WORLD,
         timeout=datetime.timedelta(seconds=TIMEOUT_S - 10),
@@ -101,8 +96,8 @@ def single_process(foreach) -> list[torch.Tensor]:
 # -- DDP -------------------------------------------------------------------------------------
 
 
-def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
-    _init(rank, port)
+def _ddp_worker(rank: int, out_dir: str) -> None:
+    _init(rank, out_dir)
     try:
         results = {}
         for kind in ("waveadam", "wrapped"):
@@ -120,7 +115,7 @@ def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
 
 
 def test_ddp_ranks_agree_with_single_process_on_mean_gradient(tmp_path):
-    _spawn(_ddp_worker, _free_port(), str(tmp_path))
+    _spawn(_ddp_worker, str(tmp_path))
     ranks = [torch.load(tmp_path / f"ddp_rank{r}.pt") for r in range(WORLD)]
     for key, params in ranks[0].items():
         for other in ranks[1:]:
@@ -141,12 +136,12 @@ def _fully_shard():
     return fully_shard
 
 
-def _fsdp_worker(rank: int, port: int, out_dir: str) -> None:
+def _fsdp_worker(rank: int, out_dir: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor
 
     fully_shard = _fully_shard()
-    _init(rank, port)
+    _init(rank, out_dir)
     try:
         mesh = init_device_mesh("cpu", (WORLD,))
         results = {}
@@ -173,7 +168,7 @@ def _fsdp_worker(rank: int, port: int, out_dir: str) -> None:
 
 @pytest.mark.skipif(_fully_shard() is None, reason="torch.distributed.fsdp.fully_shard (FSDP2) is not available")
 def test_fsdp2_sharded_history_matches_unsharded(tmp_path):
-    _spawn(_fsdp_worker, _free_port(), str(tmp_path))
+    _spawn(_fsdp_worker, str(tmp_path))
     ranks = [torch.load(tmp_path / f"fsdp_rank{r}.pt") for r in range(WORLD)]
     for key, params in ranks[0].items():
         assert all(torch.equal(a, b) for a, b in zip(params, ranks[1][key])), key
