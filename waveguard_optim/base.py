@@ -3,6 +3,7 @@ in every param group, checkpoint handling, and the choice of code path."""
 
 from __future__ import annotations
 
+import operator
 from types import ModuleType
 from collections.abc import Callable
 from typing import Any
@@ -19,6 +20,7 @@ from .stats import wave_stats as _wave_stats
 
 # What the kernels take: a sharded parameter (FSDP2's DTensor) is its own tensor subclass.
 _PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
+_IS_CPU = operator.attrgetter("is_cpu")
 
 
 class WaveGuardMixin(torch.optim.Optimizer):
@@ -97,7 +99,8 @@ class WaveGuardMixin(torch.optim.Optimizer):
         if fused or (foreach is None and fused is None and fused_by_default(device)):
             # Complex parameters and tensor subclasses (FSDP2's DTensor) take the eager path; torch's
             # _init_group already refuses complex ones for fused=True.
-            usable = all(type(p) in _PLAIN_TENSORS and p.device == device and not p.is_complex() for p in params)
+            on_device = all(map(_IS_CPU, params)) if device.type == "cpu" else all(p.device == device for p in params)
+            usable = on_device and all(type(p) in _PLAIN_TENSORS for p in params) and not any(map(Tensor.is_complex, params))
             kernels = fused_backend(device) if usable else None
             if kernels is not None or fused:
                 if kernels is None:
@@ -111,10 +114,8 @@ class WaveGuardMixin(torch.optim.Optimizer):
             foreach = default_foreach(params)
         return bool(foreach), None
 
-    def _claim(self, group: dict[str, Any], params: list[Tensor]) -> tuple[list[list[Tensor]], list[bool]]:
-        return claim_histories(
-            params, [self.state[p] for p in params], buffer_size=group["buffer_size"], buffer_dtype=group["buffer_dtype"]
-        )
+    def _claim(self, group: dict[str, Any], params: list[Tensor], states: list[dict[str, Any]]) -> tuple[list[list[Tensor]], list[bool]]:
+        return claim_histories(params, states, buffer_size=group["buffer_size"], buffer_dtype=group["buffer_dtype"])
 
     def _fused_step(self, group: dict[str, Any], params: list[Tensor], run: Callable[[list[list[Tensor]], list[bool]], None]) -> None:
         """Claim the ring slots and ``run(histories, full)`` the kernel. A kernel refuses what it
@@ -122,7 +123,7 @@ class WaveGuardMixin(torch.optim.Optimizer):
         then undone, so a failed step leaves the wave state as it was."""
         states = [self.state[p] for p in params]
         counts = [st.get(COUNT_KEY) for st in states]
-        histories, full = self._claim(group, params)
+        histories, full = self._claim(group, params, states)
         try:
             run(histories, full)
         except Exception:
@@ -138,5 +139,5 @@ class WaveGuardMixin(torch.optim.Optimizer):
         )
 
     def _denoise(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], foreach: bool) -> list[Tensor]:
-        histories, full = self._claim(group, params)
+        histories, full = self._claim(group, params, [self.state[p] for p in params])
         return record_and_filter(params, grads, histories, full, **self._wave_args(group), foreach=foreach)
