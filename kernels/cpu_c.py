@@ -155,6 +155,16 @@ def _filter_statements(n: int, threshold: bool, gate: bool) -> Statements:
         approx = new_approx
 
 
+def _param_and_l2(pkind: str, on: frozenset[str]) -> Statements:
+    """How both updates start: load p; L2 weight decay adds ``wd * p`` to the gradient
+    (``grad.add(param, alpha=weight_decay)``, rounded as a tensor of the parameter's dtype)."""
+    c = compute_of(pkind)
+    out: Statements = [("p", _load(pkind, c, "P[e]"))]
+    if "l2" in on:
+        out.append(("gh", _round(pkind, c, "FMA(p, wd, gh)")))
+    return out
+
+
 def _adam_update_statements(pkind: str, on: frozenset[str]) -> Statements:
     """``gh`` (the update's gradient, opmath) -> new p, m, v written back.
 
@@ -164,9 +174,7 @@ def _adam_update_statements(pkind: str, on: frozenset[str]) -> Statements:
     """
     c = compute_of(pkind)
     R = functools.partial(_round, pkind, c)
-    out: Statements = [("p", _load(pkind, c, "P[e]"))]
-    if "l2" in on:
-        out.append(("gh", R("FMA(p, wd, gh)")))
+    out = _param_and_l2(pkind, on)
     if "decoupled" in on:
         out.append(("p", R("p * keep")))
     out.append(("m", _load(pkind, c, "M[e]")))
@@ -189,9 +197,7 @@ def _sgd_update_statements(pkind: str, on: frozenset[str]) -> Statements:
     """The element code of torch's single-tensor SGD (``torch.optim.sgd._single_tensor_sgd``)."""
     c = compute_of(pkind)
     R = functools.partial(_round, pkind, c)
-    out: Statements = [("p", _load(pkind, c, "P[e]"))]
-    if "l2" in on:
-        out.append(("gh", R("FMA(p, wd, gh)")))
+    out = _param_and_l2(pkind, on)
     if "momentum" in on:
         # Loaded unconditionally (a fresh buffer holds garbage that is then not used), so that
         # the select on the tensor's first step needs no branch.
