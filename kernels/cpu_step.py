@@ -10,10 +10,11 @@ and apply torch's update to the result. Their pure-torch twin is
 Two back ends, the same numbers (to float rounding):
 
 ``"c"`` (needs a C compiler: ``cc``, ``gcc`` or ``clang``, or ``$CC``)
-    One generated, vectorized C kernel per (N, parameter and history dtypes, amsgrad or
-    momentum on) that reads and writes every element once (see
+    One generated, vectorized C kernel per (N, parameter and history dtypes, switches such as
+    amsgrad or the weight-decay mode) that reads and writes every element once (see
     :mod:`waveguard_optim.kernels.cpu_c`); the chunks of all tensors are split between
-    ``torch.get_num_threads()`` threads. It allocates nothing the size of a parameter. The
+    ``torch.get_num_threads()`` of torch's own OpenMP threads. It allocates nothing the size
+    of a parameter. The
     shared library is cached on disk (first use of a variant: well under a second to compile
     at N = 8; later processes: a few milliseconds to load).
 ``"torch"``
