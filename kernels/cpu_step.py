@@ -69,6 +69,7 @@ _KINDS = {torch.float32: "f32", torch.float64: "f64", torch.bfloat16: "bf16", to
 _BACKENDS = ("c", "torch")
 
 _broken_variants: set[tuple[Any, ...]] = set()
+_warned_no_compiler: list[bool] = []
 
 
 def cpu_fused_available() -> bool:
@@ -81,7 +82,16 @@ def cpu_fused_available() -> bool:
 def _resolve_backend(backend: str | None) -> str:
     choice = (backend or os.environ.get("WAVEGUARD_CPU_BACKEND") or "").lower()
     if not choice:
-        return "c" if cpu_c.find_compiler() is not None else "torch"
+        if cpu_c.find_compiler() is not None:
+            return "c"
+        if not _warned_no_compiler:
+            _warned_no_compiler.append(True)
+            warnings.warn(
+                "waveguard_optim: no C compiler found (cc, gcc, clang or $CC), so the fused CPU step runs as "
+                "torch ops, about 10x slower; install one, or set WAVEGUARD_CPU_BACKEND=torch to choose this",
+                stacklevel=4,
+            )
+        return "torch"
     if choice not in _BACKENDS:
         raise ValueError(f"Invalid backend or WAVEGUARD_CPU_BACKEND: {choice!r} (expected one of {_BACKENDS})")
     if choice == "c" and cpu_c.find_compiler() is None:

@@ -430,14 +430,18 @@ def test_a_state_tensor_of_the_wrong_size_is_refused_before_anything_changes(key
 
 
 def test_without_a_compiler_the_torch_back_end_runs(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The fallback: no C compiler -> not available, the default back end is torch, and
-    asking for the C back end explicitly says what is missing."""
+    """The fallback: no C compiler -> not available, the default back end is torch (with one
+    warning), and asking for the C back end explicitly says what is missing."""
     monkeypatch.setattr(cpu_c, "find_compiler", lambda: None)
+    monkeypatch.setattr(cpu_step, "_warned_no_compiler", [])
     assert not cpu_step.cpu_fused_available()
-    assert cpu_step._resolve_backend(None) == "torch"
+    with pytest.warns(UserWarning, match="no C compiler found"):  # once: a 10x slower path is no secret
+        assert cpu_step._resolve_backend(None) == "torch"
     with pytest.raises(RuntimeError, match="C compiler"):
         _adam_call([torch.randn(3)], [torch.randn(3)], "c")
-    run_case(Case("adam", sizes=(7, 300), starts=(0, 1), options=dict(amsgrad=True)), None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run_case(Case("adam", sizes=(7, 300), starts=(0, 1), options=dict(amsgrad=True)), None)
 
 
 def test_environment_variable_picks_the_back_end(monkeypatch: pytest.MonkeyPatch) -> None:
