@@ -43,7 +43,6 @@ from waveguard_optim.filter import median_network
 # ---------------------------------------------------------------------------------------
 # Storage kinds: C types, and how to load, store and round-trip one element.
 
-ITEMSIZE = {"f32": 4, "f64": 8, "bf16": 2, "f16": 2}
 _CTYPE = {"f32": "float", "f64": "double", "bf16": "uint16_t", "f16": "uint16_t"}
 
 
