@@ -3,7 +3,6 @@ in every param group, checkpoint handling, and the choice of code path."""
 
 from __future__ import annotations
 
-import operator
 from types import ModuleType
 from collections.abc import Callable
 from typing import Any
@@ -20,7 +19,6 @@ from .stats import wave_stats as _wave_stats
 
 # What the kernels take: a sharded parameter (FSDP2's DTensor) is its own tensor subclass.
 _PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
-_IS_CPU = operator.attrgetter("is_cpu")
 
 
 class WaveGuardMixin(torch.optim.Optimizer):
@@ -99,8 +97,7 @@ class WaveGuardMixin(torch.optim.Optimizer):
         if fused or (foreach is None and fused is None and fused_by_default(device)):
             # Complex parameters and tensor subclasses (FSDP2's DTensor) take the eager path; torch's
             # _init_group already refuses complex ones for fused=True.
-            on_device = all(map(_IS_CPU, params)) if device.type == "cpu" else all(p.device == device for p in params)
-            usable = on_device and all(type(p) in _PLAIN_TENSORS for p in params) and not any(map(Tensor.is_complex, params))
+            usable = all(type(p) in _PLAIN_TENSORS and p.device == device and not p.is_complex() for p in params)
             kernels = fused_backend(device) if usable else None
             if kernels is not None or fused:
                 if kernels is None:
