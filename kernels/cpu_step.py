@@ -596,8 +596,7 @@ def fused_wave_adam_(
             )  # fmt: skip
             continue
         ops = _Operands()
-        columns = [exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if amsgrad else [])
-        operands = ops.rows(pick(params), pick(grads), [pick(c) for c in columns], pick(histories), pdtype)
+        operands = ops.rows(pick(params), pick(grads), [pick(c) for c in state.values()], pick(histories), pdtype)
         alpha = functools.partial(_as_alpha, pdtype)
         scalars = _common_scalars(scale, maximize, constants, pdtype) | dict(
             lw=1 - b1,  # lerp weight
