@@ -6,8 +6,9 @@ For every size and layout ("single": one tensor; "model": a transformer-shaped s
 tensors, 12 blocks of attention and MLP weights, biases and norms), all contenders step the
 same parameters and gradients side by side in one process, round robin in a fresh random
 order each round (a contender right after one that frees gigabytes of temporaries runs
-slower; no contender should always be that one), so that a busy machine slows them alike. Each row reports the median of ``--repeats`` timed steps, after
-``buffer_size + 2`` untimed ones (the history is full: the filter runs):
+slower; no contender should always be that one), so that a busy machine slows them alike.
+Each row reports the median of ``--repeats`` timed steps, after ``buffer_size + 2`` untimed
+ones (the history is full: the filter runs):
 
 - ms/step and the ratio to torch's fused Adam (SGD rows: torch's fused SGD);
 - bytes moved per step: the least traffic the step needs (reads of p, grad, state and the

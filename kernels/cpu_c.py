@@ -1,12 +1,13 @@
 """The C half of the fused CPU step: a code generator that writes one single-pass C kernel
-per (N, dtypes, amsgrad/momentum), and the machinery that compiles it with the system's C
-compiler, caches the shared library on disk and loads it with :mod:`ctypes`.
+per (N, dtypes, switches such as amsgrad or the weight-decay mode), and the machinery that
+compiles it with the system's C compiler, caches the shared library on disk and loads it
+with :mod:`ctypes`.
 
 Only :mod:`waveguard_optim.kernels.cpu_step` imports this module. A kernel is generated from
 the *shape* of the constants (N, the median network of
-:func:`waveguard_optim.filter.median_network`); their *values* (the recency weights,
-``u = Haar(w)``, the threshold factor, every optimizer option) come in as arrays at run time,
-so all ``decay``/``threshold_scale``/``lr``/... share one compiled kernel.
+:func:`waveguard_optim.filter.median_network`) and its switches (``OPTIONS``); the *values*
+(the recency weights, ``u = Haar(w)``, the threshold factor, lr, betas, ...) come in as arrays
+at run time, so all ``decay``/``threshold_scale``/``lr``/... share one compiled kernel.
 
 Why C: every tensor a kernel touches is a ``restrict`` pointer, so the compiler vectorizes
 the element loop without run-time alias checks and keeps the whole filter in registers; the
@@ -15,8 +16,9 @@ is ``$CC`` if set, else the first of ``cc``, ``gcc``, ``clang`` on the PATH; it 
 the machine it runs on (``-march=native``) and with FMA contraction off
 (``-ffp-contract=off``), so that every rounding is the one the source spells out.
 
-``wg_run`` walks a range of chunks (tensor, offset, length); the caller runs one range per
-thread (:mod:`ctypes` releases the GIL for the call). Per element it reads the gradient,
+``wg_run`` walks ranges of chunks (tensor, offset, length), one range per OpenMP thread
+(see ``OPENMP``; built without OpenMP, the caller runs one range per Python thread, as
+:mod:`ctypes` releases the GIL for the call). Per element it reads the gradient,
 the N-1 older history slots and the optimizer state once, writes the newest slot, the state
 and the parameter once, and keeps everything else in registers.
 """
