@@ -54,6 +54,45 @@ def test_resume_is_bit_identical_to_never_stopping(make):
         torch.testing.assert_close(a.detach(), b, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("cls,kwargs", [(WaveAdam, dict(lr=0.01)), (WaveSGD, dict(lr=0.05, momentum=0.9))], ids=["adam", "sgd"])
+def test_version_1_checkpoint_resumes_version_1(cls, kwargs):
+    """SPEC section 6: a checkpoint of version 1, whose param groups carry decay 0.85 (then the
+    default), loaded into an optimizer built with version 2's default (decay 0) keeps 0.85, as
+    torch keeps every saved group option, and continues the uninterrupted 0.85 run bit for bit."""
+    from conftest import gradient
+
+    def feed(params, opt, steps):
+        for step in steps:
+            for i, p in enumerate(params):
+                p.grad = gradient(p, step, seed=i)
+            opt.step()
+
+    params = contiguous_params()
+    straight = cls(params, buffer_size=4, decay=0.85, **kwargs)
+    feed(params, straight, range(20))
+
+    first = contiguous_params()
+    v1 = cls(first, buffer_size=4, decay=0.85, **kwargs)
+    feed(first, v1, range(9))
+    saved_params, saved_opt = save_load([p.detach() for p in first]), save_load(v1.state_dict())
+
+    resumed = [torch.nn.Parameter(p.clone()) for p in saved_params]
+    fresh = cls(resumed, buffer_size=4, **kwargs)
+    assert fresh.param_groups[0]["decay"] == 0.0
+    fresh.load_state_dict(saved_opt)
+    assert fresh.param_groups[0]["decay"] == 0.85
+    feed(resumed, fresh, range(9, 20))
+    for a, b in zip(resumed, params):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=0, atol=0)
+
+    # the test can tell: version 2's default continues elsewhere
+    other = [torch.nn.Parameter(p.clone()) for p in saved_params]
+    v2 = cls(other, buffer_size=4, **kwargs)
+    v2.load_state_dict({**saved_opt, "param_groups": [{**g, "decay": 0.0} for g in saved_opt["param_groups"]]})
+    feed(other, v2, range(9, 20))
+    assert not torch.equal(other[0].detach(), params[0].detach())
+
+
 def test_history_dtype_and_large_count_survive_loading_into_bf16_params():
     params = make_params(torch.bfloat16)
     opt = WaveAdam(params, lr=0.01, buffer_size=4, buffer_dtype=torch.float32)

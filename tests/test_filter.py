@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from waveguard_optim.filter import _median, fold_filter, median_network
-from waveguard_optim.reference import haar, inverse_haar, reference_filter
+from waveguard_optim.reference import gate_scale, haar, inverse_haar, reference_filter
 
 
 def spec_filter_scalar(b, decay, kappa, snr_gate):
@@ -62,11 +62,22 @@ def test_reference_worked_example_by_hand():
     assert out.item() == pytest.approx(sum(a * b for a, b in zip(w, x)) / sum(w), rel=1e-14)
 
 
+def test_reference_spec_example_with_decay_zero_by_hand():
+    """SPEC section 3, folded form with decay 0: u = Haar(e_3) = (1/2, -1/2, 0, -1/sqrt2), so
+    g_hat = b_3 + clamp(c_1)/2 + clamp(c_3)/sqrt2 with c = (11, -1, -sqrt2, 4 sqrt2); |c_1| < tau < c_3."""
+    b = [4.0, 6.0, 10.0, 2.0]
+    tau = 34 / 156 * (2.5 * math.sqrt(2) / 0.6745) * math.sqrt(2 * math.log(4))
+    assert 1 < tau < 4 * math.sqrt(2)
+    out = reference_filter(torch.tensor(b, dtype=torch.float64), decay=0.0, threshold_scale=1.0, snr_gate=True)
+    assert out.item() == pytest.approx(2.0 - 1 / 2 + tau / math.sqrt(2), rel=1e-14)
+    assert out.item() == pytest.approx(spec_filter_scalar(b, 0.0, 1.0, True), rel=1e-14)
+
+
 @settings(max_examples=200, deadline=None)
 @given(
     log_n=st.integers(1, 5),
     data=st.data(),
-    decay=st.sampled_from([1e-30, 0.3, 0.85, 1.0]),
+    decay=st.sampled_from([0.0, 0.3, 0.85, 1.0]),
     kappa=st.sampled_from([0.0, 0.5, 1.0, 3.0]),
     snr_gate=st.booleans(),
 )
@@ -93,7 +104,8 @@ def _buffers(n, dtype):
 @pytest.mark.parametrize("n", [2, 4, 8, 16, 32, 64])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize(
-    "decay,kappa,snr_gate", [(0.85, 1.0, True), (0.85, 1.0, False), (0.5, 2.5, True), (1.0, 1.0, True), (1e-30, 0.7, False), (0.85, 0.0, True)]
+    "decay,kappa,snr_gate",
+    [(0.85, 1.0, True), (0.85, 1.0, False), (0.5, 2.5, True), (1.0, 1.0, True), (0.0, 1.0, True), (0.0, 0.7, False), (0.85, 0.0, True), (0.0, 0.0, True)],
 )
 def test_fold_filter_matches_reference(n, dtype, decay, kappa, snr_gate):
     buffer = _buffers(n, dtype)
@@ -138,3 +150,79 @@ def test_fold_filter_does_not_write_its_inputs():
     slots = [[b.clone()] for b in buffer]
     fold_filter(slots, decay=0.85, threshold_scale=1.0, snr_gate=True)
     torch.testing.assert_close(torch.stack([s[0] for s in slots]), buffer, rtol=0, atol=0)
+
+
+NON_FINITE = [math.inf, -math.inf, math.nan]
+
+
+@pytest.mark.parametrize("n", [2, 4, 8, 64])
+def test_decay_zero_without_threshold_is_the_newest_gradient_bit_for_bit(n):
+    """SPEC section 3: terms of weight 0 are not evaluated and kappa = 0 skips the threshold, so
+    delta = 0, kappa = 0 returns b_{N-1} exactly, even with inf or NaN in an older slot."""
+    buffer = _buffers(n, torch.float32)
+    buffer[0, :3] = torch.tensor(NON_FINITE)  # the oldest slot
+    buffer[n - 2, 3:6] = torch.tensor(NON_FINITE)  # the one before the newest
+    for snr_gate in (True, False):
+        options = dict(decay=0.0, threshold_scale=0.0, snr_gate=snr_gate)
+        assert torch.equal(reference_filter(buffer, **options), buffer[-1])
+        got = fold_filter([list(b.split([1000, 3096])) for b in buffer], **options)
+        assert torch.equal(torch.cat(got), buffer[-1])
+
+
+@pytest.mark.parametrize("kappa", [0.0, 1.0])
+def test_decay_one_ignores_a_non_finite_slot_nowhere(kappa):
+    """The converse: every weight of the plain mean is nonzero, so an inf in the window is in the output."""
+    buffer = _buffers(4, torch.float64)
+    buffer[0, 0] = math.inf
+    (got,) = fold_filter([[b] for b in buffer], decay=1.0, threshold_scale=kappa, snr_gate=True)
+    assert got[0] == math.inf and torch.isfinite(got[1:]).all()
+
+
+def test_gate_scale_is_a_normal_power_of_two_that_brings_the_largest_magnitude_to_one():
+    for dtype in (torch.float32, torch.float64):
+        finfo = torch.finfo(dtype)
+        m = torch.tensor([0.0, finfo.tiny * finfo.eps, finfo.tiny, 1e-30, 0.75, 1.0, 3.0, 1e30, finfo.max], dtype=dtype)
+        s = gate_scale(m)
+        mantissa, _ = torch.frexp(s)
+        assert (mantissa == 0.5).all() and (s >= finfo.tiny).all()  # powers of two, normal
+        scaled = m * s
+        inside = (m >= finfo.tiny) & (m < finfo.max / 2)
+        assert ((scaled[inside] >= 1) & (scaled[inside] < 2)).all()
+        assert scaled[-1] < 4 and scaled[0] == 0  # the largest is clamped (2^k normal), zero stays zero
+
+
+@pytest.mark.parametrize("n", [2, 8, 64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("decay,kappa,snr_gate", [(0.0, 1.0, True), (0.85, 1.5, True), (0.0, 1.0, False)])
+def test_filter_scales_exactly_with_huge_and_tiny_gradients(n, dtype, decay, kappa, snr_gate):
+    """SPEC section 3, step 5: gamma is finite for every finite input. The filter is positively
+    homogeneous, and multiplying by a power of two is exact, so scaling a buffer by 2^k scales
+    the output by 2^k bit for bit, also where the squares of the gate would overflow (values
+    ~1e30: squares 1e60 > float32's 3e38) or underflow (values ~1e-18: squares below 2^-120)."""
+    buffer = _buffers(n, dtype)[:, :3072]  # noise, trend, zeros, constants: values of order 1
+    buffer = buffer / buffer.abs().amax(0).clamp_min(1)
+    options = dict(decay=decay, threshold_scale=kappa, snr_gate=snr_gate)
+    base = torch.cat(fold_filter([[b] for b in buffer], **options))
+    exponents = (100, -60) if dtype == torch.float32 else (600, -600)
+    for k in exponents:
+        scaled = buffer * 2.0**k
+        got = torch.cat(fold_filter([[b] for b in scaled], **options))
+        assert torch.isfinite(got).all()
+        assert torch.equal(got, base * 2.0**k)
+        expected = reference_filter(scaled, **options)
+        assert torch.equal(expected, reference_filter(buffer, **options) * 2.0**k)
+
+
+@pytest.mark.parametrize("decay", [0.0, 0.85])
+def test_one_huge_gradient_keeps_gamma_finite_and_matches_float64(decay):
+    """Issue 11, item 5: one |g| >= 3e19 in float32 made E_f overflow and gamma = inf/inf = NaN.
+    The output stays of the order of the other gradients (the huge details are clamped to tau),
+    as float64 arithmetic, where nothing overflows, computes it."""
+    b = [0.3, -1.2, 0.8, 2e30, -0.5, 0.1, 1.1, -0.7]
+    options = dict(decay=decay, threshold_scale=1.0, snr_gate=True)
+    expected = reference_filter(torch.tensor(b, dtype=torch.float64), **options).item()
+    assert abs(expected) < 10 if decay == 0 else abs(expected) > 1e29  # decay 0.85 weighs the huge one in
+    got = reference_filter(torch.tensor(b), **options)
+    assert got.item() == pytest.approx(expected, rel=1e-5)
+    (folded,) = fold_filter([[torch.tensor([x])] for x in b], **options)
+    assert folded.item() == pytest.approx(expected, rel=1e-5)

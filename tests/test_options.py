@@ -11,7 +11,7 @@ INVALID_WAVE = [
     ("buffer_size", 128),
     ("buffer_size", 8.0),
     ("buffer_size", True),
-    ("decay", 0.0),
+    ("decay", -0.1),
     ("decay", 1.01),
     ("decay", float("nan")),
     ("decay", "0.9"),

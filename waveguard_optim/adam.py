@@ -20,7 +20,8 @@ class WaveAdam(WaveGuardMixin, torch.optim.Adam):
 
     Args:
         buffer_size: gradients kept per element, a power of two in [2, 64].
-        decay: recency weighting of the denoised signal, in (0, 1]; 1 is a plain mean.
+        decay: 0 (the default) returns the denoised newest gradient; in (0, 1], a recency-weighted
+            average of the denoised window (0.85 was version 1's output; 1 is a plain mean).
         threshold_scale: multiplies the universal threshold; 0 turns thresholding off.
         snr_gate: scale the threshold by the estimated noise share.
         buffer_dtype: storage dtype of the history; None keeps the parameter's.
@@ -42,7 +43,7 @@ class WaveAdam(WaveGuardMixin, torch.optim.Adam):
         fused: bool | None = None,
         decoupled_weight_decay: bool = False,
         buffer_size: int = 8,
-        decay: float = 0.85,
+        decay: float = 0.0,
         threshold_scale: float = 1.0,
         snr_gate: bool = True,
         buffer_dtype: torch.dtype | None = None,

@@ -4,7 +4,11 @@ This module owns the fast math: the recency weights ``w`` and their Haar transfo
 the median of the finest detail magnitudes (a pruned sorting network of min/max, so no
 sort and no stacking), the SNR gate, and
 
-    g_hat = sum_j w_j b_j - sum_{i>=1} u_i clamp(c_i, -tau, tau).
+    g_hat = sum_j w_j b_j - sum_{i>=1} u_i clamp(c_i, -tau, tau),
+
+leaving out every term whose weight is exactly 0. With the default decay 0, w = (0, ..., 0, 1)
+and u has one nonzero detail per level, so g_hat = b_{N-1} minus log2(N) clamped details
+(only the median and the gate need the whole finest level).
 
 All arithmetic is ``torch._foreach_*`` over lists, one entry per tensor: the multi-tensor
 path passes many tensors at once, the single-tensor path one at a time. The fused kernels
@@ -21,7 +25,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor
 
-from .reference import MAD_TO_SIGMA, haar, recency_weights
+from .reference import MAD_TO_SIGMA, gate_scale, haar, recency_weights
 
 TensorList = list[Tensor]
 _SQRT_HALF = math.sqrt(0.5)
@@ -98,13 +102,19 @@ def _median(values: list[TensorList]) -> TensorList:
     return out
 
 
-def _haar_level(x: Sequence[TensorList], *, with_approx: bool = True) -> tuple[list[TensorList], list[TensorList]]:
-    """One Haar level over time-ordered tensor lists: (approximations, details)."""
+def _haar_level(
+    x: Sequence[TensorList], *, with_approx: bool = True, wanted: Sequence[bool] | None = None
+) -> tuple[list[TensorList], list[TensorList | None]]:
+    """One Haar level over time-ordered tensor lists: (approximations, details); the details
+    not ``wanted`` (default: all) are not computed and are None."""
     approx, details = [], []
-    for even, odd in zip(x[0::2], x[1::2]):
-        d = torch._foreach_sub(even, odd)
-        torch._foreach_mul_(d, _SQRT_HALF)
-        details.append(d)
+    for k, (even, odd) in enumerate(zip(x[0::2], x[1::2])):
+        if wanted is None or wanted[k]:
+            d = torch._foreach_sub(even, odd)
+            torch._foreach_mul_(d, _SQRT_HALF)
+            details.append(d)
+        else:
+            details.append(None)
         if with_approx:
             a = torch._foreach_add(even, odd)
             torch._foreach_mul_(a, _SQRT_HALF)
@@ -112,10 +122,13 @@ def _haar_level(x: Sequence[TensorList], *, with_approx: bool = True) -> tuple[l
     return approx, details
 
 
-def _haar_levels(slots: Sequence[TensorList]) -> Iterator[tuple[int, list[TensorList], list[TensorList]]]:
+def _haar_levels(
+    slots: Sequence[TensorList], u: Sequence[float] | None = None
+) -> Iterator[tuple[int, list[TensorList], list[TensorList | None]]]:
     """``(width, approximations, details)`` of every Haar level over time, finest first; the
     ``width`` details of a level pair with ``u[width : 2 * width]``. The coarsest level has no
-    approximations (nothing reads them)."""
+    approximations (nothing reads them). Given ``u``, the details of the coarser levels whose
+    ``u_i`` is 0 are None (not computed); the finest level is always whole (median, gate)."""
     width = len(slots) // 2
     approx, details = _haar_level(slots)
     while True:
@@ -123,7 +136,8 @@ def _haar_levels(slots: Sequence[TensorList]) -> Iterator[tuple[int, list[Tensor
         if width == 1:
             return
         width //= 2
-        approx, details = _haar_level(approx, with_approx=width > 1)
+        wanted = None if u is None else [x != 0 for x in u[width : 2 * width]]
+        approx, details = _haar_level(approx, with_approx=width > 1, wanted=wanted)
 
 
 def _sum_of_squares(x: list[TensorList]) -> TensorList:
@@ -134,9 +148,19 @@ def _sum_of_squares(x: list[TensorList]) -> TensorList:
 
 
 def _gate(approx: list[TensorList], details: list[TensorList]) -> TensorList:
-    """gamma = E_f / (E_c + E_f) from the first Haar level (coarse energy by Parseval); 0 where both are 0."""
-    e_fine = _sum_of_squares(details)
-    total = torch._foreach_add(_sum_of_squares(approx), e_fine)
+    """gamma = E_f / (E_c + E_f) from the first Haar level (coarse energy by Parseval); 0 where both are 0.
+
+    The energies are those of the coefficients times ``gate_scale`` of their largest magnitude:
+    exact, and no square overflows (SPEC section 3, step 5), so gamma is finite for finite input.
+    """
+    coefficients = approx + details
+    largest = torch._foreach_abs(coefficients[0])
+    for c in coefficients[1:]:
+        torch._foreach_maximum_(largest, torch._foreach_abs(c))
+    scale = [gate_scale(m) for m in largest]
+    scaled = [torch._foreach_mul(c, scale) for c in coefficients]
+    e_fine = _sum_of_squares(scaled[len(approx) :])
+    total = torch._foreach_add(_sum_of_squares(scaled[: len(approx)]), e_fine)
     # total >= 0; raising an exact 0 to the smallest subnormal makes 0/0 -> 0 and changes nothing else.
     finfo = torch.finfo(total[0].dtype)
     torch._foreach_clamp_min_(total, finfo.smallest_normal * finfo.eps)
@@ -159,22 +183,27 @@ def fold_filter(
     """Denoised gradients from ``slots[j]``, the j-th oldest of the last N gradients of each tensor.
 
     The inputs are read, never written; they must share the compute dtype (float32 or
-    float64). Returns new tensors of that dtype.
+    float64). Returns new tensors of that dtype. Terms whose weight (w_j or u_i) is exactly 0
+    are not evaluated (SPEC section 3): with decay 0 and threshold_scale 0 the result is the
+    newest gradient bit for bit, whatever the older slots hold.
     """
     n = len(slots)
     w, u = filter_weights(n, decay)
-    out = torch._foreach_mul(slots[0], w[0])
-    for weight, b in zip(w[1:], slots[1:]):
+    terms = [(weight, b) for weight, b in zip(w, slots) if weight != 0]  # w_j ascends: zeros come first
+    out = torch._foreach_mul(terms[0][1], terms[0][0])
+    for weight, b in terms[1:]:
         torch._foreach_add_(out, b, alpha=weight)
-    if threshold_scale == 0:  # tau = 0 clamps every detail to 0: the weighted average is exact.
+    if threshold_scale == 0 or not any(u[1:]):  # tau = 0, or decay 1 (every u_i = 0): no correction
         return out
 
-    levels = _haar_levels(slots)
+    levels = _haar_levels(slots, u)
     width, approx, details = next(levels)
     tau = _tau(approx, details, scale=threshold_scale_factor(n, threshold_scale), snr_gate=snr_gate)
     neg_tau = torch._foreach_neg(tau)
     while True:
         for weight, d in zip(u[width : 2 * width], details):
+            if weight == 0:
+                continue
             torch._foreach_maximum_(d, neg_tau)
             torch._foreach_minimum_(d, tau)
             torch._foreach_add_(out, d, alpha=-weight)

@@ -10,7 +10,7 @@ import torch
 
 WAVE_DEFAULTS: dict[str, Any] = {
     "buffer_size": 8,
-    "decay": 0.85,
+    "decay": 0.0,
     "threshold_scale": 1.0,
     "snr_gate": True,
     "buffer_dtype": None,
@@ -31,7 +31,7 @@ def _problem(name: str, value: Any) -> str | None:
         ok = isinstance(value, int) and not isinstance(value, bool) and 2 <= value <= 64 and value & (value - 1) == 0
         return None if ok else "must be a power of two between 2 and 64"
     if name == "decay":
-        return None if _is_real(value) and 0 < value <= 1 else "must be a number in (0, 1]"
+        return None if _is_real(value) and 0 <= value <= 1 else "must be a number in [0, 1]"
     if name == "threshold_scale":
         return None if _is_real(value) and value >= 0 else "must be a finite number >= 0"
     if name == "snr_gate":

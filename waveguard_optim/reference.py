@@ -1,13 +1,16 @@
 """The WaveGuard filter and optimizers written the plain way: the test oracle.
 
 Everything here reads like SPEC section 3: an explicit Haar transform, a median, a
-gate, a soft threshold, the inverse transform and a weighted sum. Nothing is folded
-or fused, and speed does not matter. Every other code path is tested against it.
+gate, a soft threshold, the inverse transform and a weighted sum (with the default
+decay 0, just the denoised newest sample). Nothing is folded or fused, and speed does
+not matter. Every other code path is tested against it.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import operator
 from typing import Any
 
 import torch
@@ -46,10 +49,32 @@ def inverse_haar(c: Tensor) -> Tensor:
     return approx
 
 
-def recency_weights(buffer_size: int, decay: float, dtype: torch.dtype = torch.float64) -> Tensor:
-    """w_j = decay^(N-1-j) / sum_k decay^(N-1-k), oldest first."""
+def recency_weights(buffer_size: int, decay: float) -> Tensor:
+    """w_j = decay^(N-1-j) / sum_k decay^(N-1-k), oldest first, in float64; decay 0 gives
+    (0, ..., 0, 1) (Python's 0.0 ** 0 is 1)."""
     powers = torch.tensor([decay ** (buffer_size - 1 - j) for j in range(buffer_size)], dtype=torch.float64)
-    return (powers / powers.sum()).to(dtype)
+    return powers / powers.sum()
+
+
+def weighted_sum(w: Tensor, x: Tensor) -> Tensor:
+    """sum_j w_j x_j along dim 0, leaving out the terms whose weight is exactly 0 (SPEC section 3:
+    a non-finite sample the weights ignore must not turn the sum into NaN, as 0 * inf would)."""
+    terms = [weight * x[j] for j, weight in enumerate(w.tolist()) if weight != 0]
+    return functools.reduce(operator.add, terms)  # not sum(): 0 + (-0.0) would be +0.0
+
+
+def gate_scale(m: Tensor) -> Tensor:
+    """A power of two 2^k with ``m * 2^k`` in [1, 2) (k clamped so that 2^k is a normal number),
+    elementwise, for ``m >= 0`` of dtype float32 or float64 (NaN with a clear sign bit is fine).
+
+    The SNR gate squares coefficients up to ``m`` after scaling them by 2^k, so its energies
+    cannot overflow or underflow to 0 (SPEC section 3, step 5), and scaling by a power of two
+    is exact: gamma, a ratio of energies, keeps its value wherever nothing overflowed.
+    The fused kernels build the same number from the same bits.
+    """
+    int_dtype, mantissa_bits, bias = {torch.float32: (torch.int32, 23, 127), torch.float64: (torch.int64, 52, 1023)}[m.dtype]
+    exponent = m.view(int_dtype) >> mantissa_bits  # the biased exponent field: m is 2^(exponent - bias) * 1.f
+    return ((2 * bias - exponent).clamp_min(1) << mantissa_bits).view(m.dtype)
 
 
 def median(x: Tensor) -> Tensor:
@@ -73,8 +98,9 @@ def reference_filter(
         dtype = torch.float64 if buffer.dtype == torch.float64 else torch.float32
     b = buffer.to(dtype)
     n = b.shape[0]
-    bcast = (n,) + (1,) * (b.dim() - 1)
-    w = recency_weights(n, decay, dtype).to(b.device).reshape(bcast)
+    w = recency_weights(n, decay)
+    if threshold_scale == 0:  # no threshold: d = c, and Haar^-1(Haar(b)) = b (SPEC section 3, folded form)
+        return weighted_sum(w, b)
 
     c = haar(b)
     finest = c[n // 2 :]
@@ -82,17 +108,21 @@ def reference_filter(
     universal = sigma * math.sqrt(2.0 * math.log(n))
 
     if snr_gate:
-        e_coarse = (c[: n // 2] ** 2).sum(0)
-        e_fine = (finest**2).sum(0)
+        scaled = c * gate_scale(c.abs().amax(0))  # exact; the squares cannot overflow
+        e_coarse = (scaled[: n // 2] ** 2).sum(0)
+        e_fine = (scaled[n // 2 :] ** 2).sum(0)
         total = e_coarse + e_fine
         gate = torch.where(total > 0, e_fine / total, torch.zeros_like(total))
     else:
         gate = torch.ones_like(universal)
     tau = threshold_scale * gate * universal
 
-    d = c.clone()
-    d[1:] = torch.sign(c[1:]) * torch.clamp(c[1:].abs() - tau, min=0)
-    return (w * inverse_haar(d)).sum(0)
+    # Soft threshold of the details: d_i = sign(c_i) max(|c_i| - tau, 0) = c_i - clamp(c_i, -tau, tau).
+    # By linearity Haar^-1(d) = b - Haar^-1(c - d): computed so, a huge gradient in the window
+    # does not swamp the others in the inverse transform's sums (they would cancel to rounding noise).
+    removed = torch.zeros_like(c)
+    removed[1:] = torch.clamp(c[1:], -tau, tau)
+    return weighted_sum(w, b - inverse_haar(removed))
 
 
 class ReferenceWave:
@@ -110,7 +140,7 @@ class ReferenceWave:
         optimizer_cls: type[torch.optim.Optimizer],
         *,
         buffer_size: int = 8,
-        decay: float = 0.85,
+        decay: float = 0.0,
         threshold_scale: float = 1.0,
         snr_gate: bool = True,
         buffer_dtype: torch.dtype | None = None,

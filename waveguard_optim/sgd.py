@@ -33,7 +33,7 @@ class WaveSGD(WaveGuardMixin, torch.optim.SGD):
         differentiable: bool = False,
         fused: bool | None = None,
         buffer_size: int = 8,
-        decay: float = 0.85,
+        decay: float = 0.0,
         threshold_scale: float = 1.0,
         snr_gate: bool = True,
         buffer_dtype: torch.dtype | None = None,

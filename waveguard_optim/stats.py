@@ -65,7 +65,7 @@ def _param_sums(state: dict[str, Any], p: Tensor, group: dict[str, Any]) -> Tens
     zero = g.new_zeros((), dtype=torch.float64)
     elements = float(g.numel())
     if state[COUNT_KEY] < n:  # warm-up: the optimizer used g itself
-        return torch.stack([zero + elements, zero, zero, zero, zero, zero, zero, g.square().sum(dtype=torch.float64)])
+        return torch.stack([zero + elements, zero, zero, zero, zero, zero, zero, g.double().square().sum()])
 
     (g_hat,) = fold_filter(slots, **filter_options(group))
     zeroed = zero.clone()
@@ -84,8 +84,8 @@ def _param_sums(state: dict[str, Any], p: Tensor, group: dict[str, Any]) -> Tens
             tau.sum(dtype=torch.float64),
             median.sum(dtype=torch.float64) / MAD_TO_SIGMA,
             zeroed,
-            (g_hat - g).square().sum(dtype=torch.float64),
-            g.square().sum(dtype=torch.float64),
+            (g_hat - g).double().square().sum(),
+            g.double().square().sum(),
         ]
     )
 

@@ -225,7 +225,7 @@ class WaveGuardHandle:
 def wave_guard(
     optimizer: torch.optim.Optimizer,
     buffer_size: int = 8,
-    decay: float = 0.85,
+    decay: float = 0.0,
     threshold_scale: float = 1.0,
     snr_gate: bool = True,
     buffer_dtype: torch.dtype | None = None,
