@@ -7,7 +7,10 @@ Only :mod:`waveguard_optim.kernels.cpu_step` imports this module. A kernel is ge
 the *shape* of the constants (N, the median network of
 :func:`waveguard_optim.filter.median_network`) and its switches (``OPTIONS``); the *values*
 (the recency weights, ``u = Haar(w)``, the threshold factor, lr, betas, ...) come in as arrays
-at run time, so all ``decay``/``threshold_scale``/``lr``/... share one compiled kernel.
+at run time, so all ``decay``/``threshold_scale``/``lr``/... share one compiled kernel, except
+that ``decay = 0`` (the default) has its own variant (switch ``newest``): its weights have
+zeros, and a term whose weight is exactly 0 must not be evaluated (SPEC section 3: 0 * inf
+would be NaN), so only that variant's nonzero terms are emitted.
 
 Why C: every tensor a kernel touches is a ``restrict`` pointer, so the compiler vectorizes
 the element loop without run-time alias checks and keeps the whole filter in registers; the
@@ -40,7 +43,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from waveguard_optim.filter import median_network
+from waveguard_optim.filter import filter_weights, median_network
 
 # ---------------------------------------------------------------------------------------
 # Storage kinds: C types, and how to load, store and round-trip one element.
@@ -83,8 +86,8 @@ def _round(kind: str, compute: str, x: str) -> str:
 Statements = list[tuple[str, str]]
 
 OPTIONS = {
-    "adam": ("amsgrad", "l2", "decoupled", "lerp_small", "gate"),
-    "sgd": ("momentum", "l2", "nesterov", "gate"),
+    "adam": ("amsgrad", "l2", "decoupled", "lerp_small", "gate", "newest"),
+    "sgd": ("momentum", "l2", "nesterov", "gate", "newest"),
 }
 """The switches compiled into a kernel variant: a run-time flag would make the compiler
 evaluate both sides of every select it controls (measured: a third slower)."""
@@ -96,11 +99,15 @@ SCALARS = {
 """The run-time scalars of a kernel, in the order of its ``sc`` array."""
 
 
-def _filter_statements(n: int, threshold: bool, gate: bool) -> Statements:
+def _filter_statements(n: int, threshold: bool, gate: bool, newest: bool) -> Statements:
     """``h0 .. h{n-1}`` (compute type) -> ``gh``, in the operation order of
-    :func:`waveguard_optim.filter.fold_filter`."""
-    out: Statements = [("gh", "h0 * w0")]
-    out += [("gh", f"FMA(h{j}, w{j}, gh)") for j in range(1, n)]  # _foreach_add_(out, b, alpha=w_j)
+    :func:`waveguard_optim.filter.fold_filter`. With ``newest`` only the terms whose weight is
+    nonzero at decay 0 are emitted (the compiler drops the values no term reads)."""
+    # The other variant evaluates every term: cpu_step gives it only weights that are all nonzero.
+    w, u = filter_weights(n, 0.0) if newest else ([1.0] * n, [1.0] * n)
+    used = [j for j in range(n) if w[j] != 0]
+    out: Statements = [("gh", f"h{used[0]} * w{used[0]}")]
+    out += [("gh", f"FMA(h{j}, w{j}, gh)") for j in used[1:]]  # _foreach_add_(out, b, alpha=w_j)
     if not threshold:
         return out
     half = n // 2
@@ -123,14 +130,24 @@ def _filter_statements(n: int, threshold: bool, gate: bool) -> Statements:
     else:
         out.append(("tau", f"(({wire[middle[0]]} + {wire[middle[1]]}) * HALF) * tscale"))
     if gate:
-        out.append(("ef", "d0 * d0"))
-        out += [("ef", f"FMA(d{i}, d{i}, ef)") for i in range(1, half)]  # _foreach_addcmul_
-        out.append(("ec", "a0 * a0"))
-        out += [("ec", f"FMA(a{i}, a{i}, ec)") for i in range(1, half)]
+        # The energies of the coefficients times gate_scale(largest |coefficient|) (exact; no
+        # square overflows), as filter._gate. A NaN among them makes the energies NaN whatever
+        # the largest is taken to be.
+        out.append(("big", "ABS(a0)"))
+        out += [("big", f"SMAX(big, ABS(a{i}))") for i in range(1, half)]
+        out += [("big", f"SMAX(big, x{i})") for i in range(half)]
+        out.append(("gs", "GATE_SCALE(big)"))
+        out += [(f"sa{i}", f"a{i} * gs") for i in range(half)] + [(f"sd{i}", f"d{i} * gs") for i in range(half)]
+        out.append(("ef", "sd0 * sd0"))
+        out += [("ef", f"FMA(sd{i}, sd{i}, ef)") for i in range(1, half)]  # _foreach_addcmul_
+        out.append(("ec", "sa0 * sa0"))
+        out += [("ec", f"FMA(sa{i}, sa{i}, ec)") for i in range(1, half)]
         out.append(("tot", "SMAX(TINY, ec + ef)"))  # clamp_min, NaN kept
         out.append(("tau", "tau * (ef / tot)"))
-    # (A NaN detail would make torch's median NaN where this network's need not be; it does
-    # not matter: that detail's own clamp below is NaN, and so is g_hat.)
+    # A NaN finest detail makes torch's median (NaN-propagating min/max) NaN, where this
+    # network's need not be; their sum is NaN exactly then (the magnitudes are >= 0): checked
+    # at the end together with tau, since that detail's own term may have u_i = 0 (decay 0).
+    out.append(("xs", " + ".join(f"x{i}" for i in range(half))))
     out.append(("ntau", "-tau"))
     # Level by level, finest first: details of width `width` sit at u[width : 2 * width].
     width, prefix = half, "d"
@@ -139,10 +156,13 @@ def _filter_statements(n: int, threshold: bool, gate: bool) -> Statements:
     while True:
         for i in range(width):
             # clamp: a NaN detail propagates (second operand); a NaN tau is handled below
-            out.append(("gh", f"FMA(SMIN(tau, SMAX(ntau, {prefix}{i})), nu{width + i}, gh)"))
+            if u[width + i] != 0:
+                out.append(("gh", f"FMA(SMIN(tau, SMAX(ntau, {prefix}{i})), nu{width + i}, gh)"))
         if width == 1:
-            # A NaN tau (inf details make E_f / E = inf / inf) turns torch's clamps NaN.
-            out.append(("gh", "(tau == tau ? gh : tau)"))
+            # A NaN tau (inf details make E_f / E = inf / inf; a NaN finest detail torch's
+            # median) turns torch's clamps NaN.
+            out.append(("chk", "tau + xs"))
+            out.append(("gh", "(chk == chk ? gh : chk)"))
             return out
         width //= 2
         level += 1
@@ -262,6 +282,28 @@ void wg_steps(const int64_t *steps, int64_t count, int f64, double lr, double be
     }
 }
 
+/* The SNR gate's power of two for a largest magnitude m >= 0 (waveguard_optim.reference.gate_scale):
+   2^k with m * 2^k in [1, 2), k clamped to a normal number; from the exponent bits, so it vectorizes. */
+static inline float gate_scale_f32(float m) {
+    uint32_t bits;
+    memcpy(&bits, &m, 4);
+    int32_t k = 254 - (int32_t)(bits >> 23);
+    bits = (uint32_t)(k > 1 ? k : 1) << 23;
+    float s;
+    memcpy(&s, &bits, 4);
+    return s;
+}
+
+static inline double gate_scale_f64(double m) {
+    uint64_t bits;
+    memcpy(&bits, &m, 8);
+    int64_t k = 2046 - (int64_t)(bits >> 52);
+    bits = (uint64_t)(k > 1 ? k : 1) << 52;
+    double s;
+    memcpy(&s, &bits, 8);
+    return s;
+}
+
 static inline uint16_t f32_to_bf16(float x) {  /* round to nearest even, NaN -> 0x7FC0 (as c10::BFloat16) */
     uint32_t u;
     memcpy(&u, &x, 4);
@@ -329,7 +371,7 @@ def generate(algo: str, n: int, pkind: str, skind: str, options: tuple[str, ...]
     out.append(_PRELUDE + (_F16 if "f16" in (pkind, skind) else ""))
     out.append(f"typedef {_CTYPE[c]} ct;")
     suffix = "" if c == "f64" else "f"
-    out += [f"#define FMA fma{suffix}", f"#define SQRT sqrt{suffix}", f"#define ABS fabs{suffix}", ""]
+    out += [f"#define FMA fma{suffix}", f"#define SQRT sqrt{suffix}", f"#define ABS fabs{suffix}", f"#define GATE_SCALE gate_scale_{c}", ""]
 
     columns = [("P", pt, True), ("G", pt, False)] + [(name, pt, True) for name in state]
     columns += [(f"S{j}", st, j == n - 1) for j in range(n)]
@@ -357,8 +399,8 @@ def generate(algo: str, n: int, pkind: str, skind: str, options: tuple[str, ...]
     history.append((f"h{n - 1}", _load(skind, c, "s")))
     to_param: Statements = [("gh", _round(pkind, c, "gh"))] if pkind != c else []  # g_hat in the parameter's dtype
     loops = [
-        ("threshold && is_full", history + _filter_statements(n, True, "gate" in on) + to_param),
-        ("is_full", history + _filter_statements(n, False, False) + to_param),
+        ("threshold && is_full", history + _filter_statements(n, True, "gate" in on, "newest" in on) + to_param),
+        ("is_full", history + _filter_statements(n, False, False, "newest" in on) + to_param),
         (None, [("gh", "g")]),
     ]
     element_types = {"s": st, "pn": pt}

@@ -143,12 +143,18 @@ class _Operands:
 
 
 @functools.lru_cache(maxsize=64)
-def _filter_constants(n: int, decay: float, threshold_scale: float) -> tuple[tuple[float, ...], tuple[float, ...], float, bool]:
-    """``(w, -u, tau factor, thresholding)`` for N. With kappa = 0, or delta = 1 (every u_i = 0),
-    the folded correction vanishes exactly and is skipped."""
+def _filter_constants(n: int, decay: float, threshold_scale: float) -> tuple[tuple[float, ...], tuple[float, ...], float, bool, bool]:
+    """``(w, -u, tau factor, thresholding, compiled)`` for N. With kappa = 0, or delta = 1 (every
+    u_i = 0), the folded correction vanishes exactly and is skipped.
+
+    ``compiled``: a C kernel variant evaluates exactly the nonzero terms of these weights, as
+    SPEC section 3 requires (0 * inf is NaN): the ``newest`` variant those of decay 0, the other
+    one every term, so it needs every w_j (and, when thresholding, every u_i) nonzero. A decay
+    so small that some w_j underflow to 0 takes the torch back end."""
     w, u = filter_weights(n, decay)
     threshold = threshold_scale != 0 and any(x != 0 for x in u[1:])
-    return w, tuple(-x for x in u), threshold_scale_factor(n, threshold_scale), threshold
+    compiled = decay == 0 or (all(w) and (all(u[1:]) or not threshold))
+    return w, tuple(-x for x in u), threshold_scale_factor(n, threshold_scale), threshold, compiled
 
 
 def _as_alpha(dtype: torch.dtype, value: float) -> float:
@@ -286,12 +292,19 @@ def _c_kernel(algo: str, options: dict[str, bool], pkind: str, skind: str, n: in
 
 
 def _plans(
-    algo: str, switches: dict[str, bool], groups: dict[tuple[Any, ...], list[int]], use_c: bool
+    algo: str, switches: dict[str, bool], groups: dict[tuple[Any, ...], list[int]], use_c: bool, decay: float, threshold_scale: float
 ) -> list[tuple[tuple[Any, ...], list[int], cpu_c.Kernel | None]]:
     """``(group key, members, C kernel or None for the torch back end)`` per group, every kernel
-    loaded before anything is written. Slots of mixed dtypes (history dtype None) take torch."""
+    loaded before anything is written. Slots of mixed dtypes (history dtype None) and weights
+    no variant evaluates exactly (``_filter_constants``) take torch."""
     return [
-        (key, members, _c_kernel(algo, switches, _KINDS[key[0]], _KINDS[key[1]], key[2]) if use_c and key[1] else None)
+        (
+            key,
+            members,
+            _c_kernel(algo, switches, _KINDS[key[0]], _KINDS[key[1]], key[2])
+            if use_c and key[1] and _filter_constants(key[2], decay, threshold_scale)[4]
+            else None,
+        )
         for key, members in groups.items()
     ]
 
@@ -578,8 +591,9 @@ def fused_wave_adam_(
         decoupled=wd_mode == "decoupled",
         lerp_small=abs(1 - b1) < 0.5,  # which of torch's two lerp formulas
         gate=snr_gate,
+        newest=decay == 0,
     )
-    plans = _plans("adam", switches, groups, use == "c" and _exact_reciprocal(scale))
+    plans = _plans("adam", switches, groups, use == "c" and _exact_reciprocal(scale), decay, threshold_scale)
     kernels = [kernel for *_, kernel in plans]
     step_size, bc2_sqrt = _adam_steps(state_steps, lr_, b1, b2, kernels[0] if all(kernels) else None)
 
@@ -649,8 +663,9 @@ def fused_wave_sgd_(
                 first[i] = True
     buffers: list[Tensor] = momentum_buffers  # type: ignore[assignment]
 
-    switches = dict(momentum=mom != 0, l2=wd != 0, nesterov=nesterov, gate=snr_gate)
-    for (pdtype, _, n, _), members, kernel in _plans("sgd", switches, groups, use == "c" and _exact_reciprocal(scale)):
+    switches = dict(momentum=mom != 0, l2=wd != 0, nesterov=nesterov, gate=snr_gate, newest=decay == 0)
+    plans = _plans("sgd", switches, groups, use == "c" and _exact_reciprocal(scale), decay, threshold_scale)
+    for (pdtype, _, n, _), members, kernel in plans:
         constants = _filter_constants(n, decay, threshold_scale)
         pick = _picker(members, len(params))
         if kernel is None:

@@ -66,7 +66,7 @@ class Case:
     buffer_size: int = 4
     dtypes: tuple[torch.dtype, ...] = (torch.float32,)  # cycled over the tensors
     buffer_dtype: torch.dtype | None = None
-    decay: float = 0.85
+    decay: float = 0.0  # the default: the denoised newest gradient (0.85: version 1's average)
     threshold_scale: float = 1.0
     snr_gate: bool = True
     maximize: bool = False
@@ -209,6 +209,9 @@ def run_case(case: Case, backend: str | None, seed: int = 0) -> tuple[Side, Side
 
 ADAM_CASES = {
     "n2-defaults": Case("adam", buffer_size=2),
+    "n4-amsgrad-maximize-l2-gate-off-decay085": Case(
+        "adam", decay=0.85, threshold_scale=1.5, snr_gate=False, maximize=True, weight_decay=0.1, options=dict(amsgrad=True)
+    ),
     "n4-amsgrad-maximize-l2-gate-off": Case(
         "adam", threshold_scale=1.5, snr_gate=False, maximize=True, weight_decay=0.1, options=dict(amsgrad=True)
     ),
@@ -217,8 +220,14 @@ ADAM_CASES = {
     ),
     "n16-no-threshold-grad-scale": Case("adam", buffer_size=16, threshold_scale=0.0, grad_scale=1024.0),
     "n64-threshold": Case("adam", buffer_size=64, threshold_scale=1.5, sizes=(3, 1000), starts=(0, 1), extra_steps=2),
+    "n64-threshold-decay05": Case(
+        "adam", buffer_size=64, decay=0.5, threshold_scale=1.5, sizes=(3, 1000), starts=(0, 1), extra_steps=2
+    ),
     "n4-bf16-amsgrad-l2": Case("adam", dtypes=(torch.bfloat16,), sizes=SIZES16, weight_decay=0.1, options=dict(amsgrad=True)),
     "n8-bf16-slots": Case("adam", buffer_size=8, buffer_dtype=torch.bfloat16, sizes=SIZES16, threshold_scale=1.5),
+    "n8-bf16-slots-decay085": Case(
+        "adam", buffer_size=8, decay=0.85, buffer_dtype=torch.bfloat16, sizes=SIZES16, threshold_scale=1.5
+    ),
     "n4-fp64-amsgrad-decoupled": Case(
         "adam", dtypes=(torch.float64,), weight_decay=0.1, options=dict(amsgrad=True, decoupled_weight_decay=True)
     ),
@@ -230,6 +239,9 @@ ADAM_CASES = {
     ),  # fmt: skip
     "n4-mixed-dtypes-one-call": Case(
         "adam", dtypes=(torch.float32, torch.bfloat16, torch.float64), sizes=SIZES16, grad_scale=8.0, options=dict(amsgrad=True)
+    ),
+    "n4-mixed-dtypes-one-call-decay085": Case(
+        "adam", dtypes=(torch.float32, torch.bfloat16, torch.float64), decay=0.85, sizes=SIZES16, options=dict(amsgrad=True)
     ),
     # beta1 = 0.3: lerp weight 0.7, torch's other lerp formula; lr and betas as tensors
     "n4-tensor-hyperparameters": Case(
@@ -245,10 +257,16 @@ SGD_CASES = {
     "n4-momentum-dampening-l2-maximize": Case(
         "sgd", maximize=True, weight_decay=0.01, options=dict(momentum=0.9, dampening=0.1)
     ),
+    "n4-momentum-dampening-l2-maximize-decay085": Case(
+        "sgd", decay=0.85, maximize=True, weight_decay=0.01, options=dict(momentum=0.9, dampening=0.1)
+    ),
     "n8-nesterov-gate-off-decay1": Case(
         "sgd", buffer_size=8, decay=1.0, threshold_scale=1.5, snr_gate=False, options=dict(momentum=0.9, nesterov=True)
     ),
     "n8-threshold-grad-scale": Case("sgd", buffer_size=8, threshold_scale=1.5, grad_scale=1024.0, options=dict(momentum=0.9)),
+    "n8-threshold-grad-scale-decay07": Case(
+        "sgd", buffer_size=8, decay=0.7, threshold_scale=1.5, grad_scale=1024.0, options=dict(momentum=0.9)
+    ),
     "n4-bf16-nesterov-l2": Case(
         "sgd", dtypes=(torch.bfloat16,), weight_decay=0.01, sizes=SIZES16, options=dict(momentum=0.9, nesterov=True)
     ),
@@ -256,6 +274,7 @@ SGD_CASES = {
         "sgd", buffer_size=8, dtypes=(torch.float16,), buffer_dtype=torch.bfloat16, sizes=SIZES16, options=dict(momentum=0.5)
     ),
     "n4-fp64": Case("sgd", dtypes=(torch.float64,), weight_decay=0.01, options=dict(momentum=0.9)),
+    "n4-fp64-decay085": Case("sgd", dtypes=(torch.float64,), decay=0.85, threshold_scale=1.5, options=dict(momentum=0.9)),
     "n4-tensor-lr": Case("sgd", options=dict(lr=torch.tensor(0.05), momentum=0.9)),
 }
 
@@ -369,6 +388,40 @@ def test_decay_one_is_the_plain_mean_whatever_the_threshold(backend: str) -> Non
             momentum=0.0, lr=1.0, dampening=0.0, nesterov=False, maximize=False, backend=backend,
         )  # fmt: skip
     torch.testing.assert_close(before - p, torch.stack(recorded).mean(0), rtol=1e-6, atol=1e-6)
+
+
+def sgd_filter(backend: str, slots: list[torch.Tensor], **wave: Any) -> torch.Tensor:
+    """g_hat of the fused step over ``slots`` (oldest first, the last is the current gradient):
+    the older ones are recorded by warm-up steps, then SGD with lr 1 and no momentum moves a
+    zero parameter to exactly -g_hat."""
+    n, p, state = len(slots), torch.zeros_like(slots[0]), {}
+    for g in slots:
+        histories, full = claim_histories([p], [state], buffer_size=n, buffer_dtype=None)
+        p.zero_()
+        cpu_step.fused_wave_sgd_(
+            [p], [g], [None], histories, full, **wave, weight_decay=0.0, momentum=0.0, lr=1.0, dampening=0.0,
+            nesterov=False, maximize=False, backend=backend,
+        )  # fmt: skip
+    return -p
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("n", [4, 8, 64])
+@pytest.mark.parametrize("decay", [0.0, 1e-300])
+def test_weights_of_zero_ignore_non_finite_slots(backend: str, n: int, decay: float) -> None:
+    """SPEC section 3: terms whose weight is exactly 0 are not evaluated (0 * inf is NaN), and
+    kappa = 0 skips the threshold, so delta = 0, kappa = 0 gives b_{N-1} bit for bit with inf or
+    NaN in older slots. With delta = 1e-300 the weights of all but the two newest slots underflow
+    to 0 (and that of the second newest is 0 in float32): no C variant matches that pattern, so
+    the torch back end runs it."""
+    gen = torch.Generator().manual_seed(n)
+    slots = [torch.randn(100, generator=gen) for _ in range(n)]
+    slots[0][:3] = torch.tensor([math.inf, -math.inf, math.nan])
+    if decay == 0:
+        slots[-2][3:6] = torch.tensor([math.nan, math.inf, -math.inf])
+    for snr_gate in (True, False):
+        got = sgd_filter(backend, slots, decay=decay, threshold_scale=0.0, snr_gate=snr_gate)
+        assert torch.equal(got, slots[-1])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -22,8 +22,11 @@ WAVE_SETTINGS = [
     dict(buffer_size=8, decay=0.85, threshold_scale=1.0, snr_gate=True),
     dict(buffer_size=16, decay=1.0, threshold_scale=1.0, snr_gate=True),
     dict(buffer_size=8, decay=0.9, threshold_scale=0.0, snr_gate=True),
+    dict(buffer_size=8, decay=0.0, threshold_scale=1.0, snr_gate=True),
+    dict(buffer_size=4, decay=0.0, threshold_scale=2.0, snr_gate=False),
+    dict(buffer_size=16, decay=0.0, threshold_scale=1.5, snr_gate=True),
 ]
-IDENTITY = dict(threshold_scale=0.0, decay=1e-30)
+IDENTITY = dict(threshold_scale=0.0, decay=0.0)
 
 
 def wave_id(w):
@@ -40,11 +43,24 @@ def run_pair(make, make_ref, steps, dtype=torch.float32, **train_kwargs):
     return train(params, make(params), steps, **train_kwargs), train(ref_params, make_ref(ref_params), steps, **train_kwargs)
 
 
-@pytest.mark.parametrize("path", PATHS.values(), ids=PATHS.keys())
+# The CPU paths, by name: PATHS ("default" is the C kernel where a compiler is found) and the
+# torch back end of the fused CPU step.
+CPU_PATHS = [*PATHS, "cpu-torch"]
+
+
+def path_options(name, monkeypatch):
+    if name == "cpu-torch":
+        monkeypatch.setenv("WAVEGUARD_CPU_BACKEND", "torch")
+        return dict(fused=True)
+    return PATHS[name]
+
+
+@pytest.mark.parametrize("path_name", CPU_PATHS)
 @pytest.mark.parametrize("wave", WAVE_SETTINGS, ids=wave_id)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("kind", ["mixed", "noise", "trend"])
-def test_wave_adam_matches_reference(path, wave, dtype, kind):
+def test_wave_adam_matches_reference(path_name, wave, dtype, kind, monkeypatch):
+    path = path_options(path_name, monkeypatch)
     got, expected = run_pair(
         lambda ps: WaveAdam(ps, lr=0.01, weight_decay=0.01, **wave, **path),
         lambda ps: ReferenceWave(ps, torch.optim.Adam, lr=0.01, weight_decay=0.01, **wave),
@@ -55,10 +71,11 @@ def test_wave_adam_matches_reference(path, wave, dtype, kind):
     assert_same(got, expected, dtype)
 
 
-@pytest.mark.parametrize("path", PATHS.values(), ids=PATHS.keys())
+@pytest.mark.parametrize("path_name", CPU_PATHS)
 @pytest.mark.parametrize("wave", WAVE_SETTINGS, ids=wave_id)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_wave_sgd_matches_reference(path, wave, dtype):
+def test_wave_sgd_matches_reference(path_name, wave, dtype, monkeypatch):
+    path = path_options(path_name, monkeypatch)
     got, expected = run_pair(
         lambda ps: WaveSGD(ps, lr=0.05, momentum=0.9, nesterov=True, **wave, **path),
         lambda ps: ReferenceWave(ps, torch.optim.SGD, lr=0.05, momentum=0.9, nesterov=True, **wave),
@@ -66,6 +83,32 @@ def test_wave_sgd_matches_reference(path, wave, dtype):
         dtype,
     )
     assert_same(got, expected, dtype)
+
+
+@pytest.mark.parametrize("path_name", CPU_PATHS)
+@pytest.mark.parametrize("buffer_dtype", [None, torch.bfloat16])
+@pytest.mark.parametrize("decay", [0.0, 0.85])
+def test_a_huge_finite_gradient_keeps_the_parameters_finite(path_name, buffer_dtype, decay, monkeypatch):
+    """SPEC section 3, step 5 (issue 11, item 5): gradients of +-1e30 (their squares overflow
+    float32, also when stored in bfloat16) made gamma = inf/inf = NaN and the parameters NaN
+    once the history was full. They stay finite, and follow the reference."""
+    path = path_options(path_name, monkeypatch)
+
+    def run(params, opt):  # element 0 of parameter 0 and element 5 of parameter 1 get +-1e30 at steps 5 and 6
+        for step in range(14):
+            for i, p in enumerate(params):
+                p.grad = gradient(p, step, "mixed", i)
+                if step in (5, 6) and i < 2:
+                    p.grad.view(-1)[5 * i] = 1e30 if step == 5 else -1e30
+            opt.step()
+        return [p.detach().clone() for p in params]
+
+    wave = dict(buffer_size=4, decay=decay, buffer_dtype=buffer_dtype)
+    params, ref_params = make_params(), make_params()
+    got = run(params, WaveAdam(params, lr=0.01, **wave, **path))
+    expected = run(ref_params, ReferenceWave(ref_params, torch.optim.Adam, lr=0.01, **wave))
+    assert all(torch.isfinite(p).all() for p in got)
+    assert_same(got, expected, torch.float32)
 
 
 @pytest.mark.parametrize("path", PATHS.values(), ids=PATHS.keys())
@@ -297,7 +340,7 @@ def test_deepcopy_and_param_groups_with_their_own_options():
     a, b = make_params()[:2]
     opt = WaveAdam([{"params": [a], "buffer_size": 4}, {"params": [b], "decay": 1.0}], lr=0.01, buffer_size=2)
     assert [g["buffer_size"] for g in opt.param_groups] == [4, 2]
-    assert [g["decay"] for g in opt.param_groups] == [0.85, 1.0]
+    assert [g["decay"] for g in opt.param_groups] == [0.0, 1.0]
     train([a, b], opt, 5)
     clone = copy.deepcopy(opt)
     assert clone.param_groups[0]["buffer_size"] == 4
