@@ -87,11 +87,14 @@ if triton is not None:
     ):
         """g_hat = sum_j w_j b_j - sum_{i>=1} u_i clamp(c_i, -tau, tau), the folded filter of
         SPEC section 3, over a tuple ``b`` of N values per element (oldest first), with the
-        operations in the order of waveguard_optim.filter.fold_filter."""
-        out = b[0] * tl.full((), W[0], ACC)
-        for j in tl.static_range(1, len(b)):
-            out = out + b[j] * tl.full((), W[j], ACC)
-        if TSCALE != 0.0:  # tau = 0 clamps every detail to 0: the weighted average is exact
+        operations in the order of waveguard_optim.filter.fold_filter. Terms whose weight is
+        0 are left out at trace time: ``W`` holds only the nonzero tail of w (its zeros come
+        first), and a detail with u_i = 0 is never added (the compiler drops it)."""
+        first = len(b) - len(W)
+        out = b[first] * tl.full((), W[0], ACC)
+        for j in tl.static_range(1, len(W)):
+            out = out + b[first + j] * tl.full((), W[j], ACC)
+        if TSCALE != 0.0:  # 0: no correction term (kappa = 0, or every u_i = 0)
             s = tl.full((), _SQRT_HALF_C, ACC)
             approx = b
             # Level by level, finest first: details of width k sit at u[k : 2k] (SPEC layout).
@@ -127,12 +130,25 @@ if triton is not None:
                     if SNR_GATE:
                         # gamma = E_f / (E_c + E_f), and 0 when both are 0 (no epsilon: safe
                         # under flush-to-zero). The coarse energy is that of the first
-                        # approximations (Parseval).
-                        e_fine = details[0] * details[0]
-                        e_coarse = coarser[0] * coarser[0]
+                        # approximations (Parseval). Both are taken of the coefficients times
+                        # a power of two near the largest magnitude (exact; no square
+                        # overflows): reference.gate_scale, from the exponent bits.
+                        big = tl.abs(coarser[0])
+                        for i in tl.static_range(1, len(coarser)):
+                            big = tl.maximum(big, tl.abs(coarser[i]), propagate_nan=tl.PropagateNan.ALL)
+                        for i in tl.static_range(len(details)):
+                            big = tl.maximum(big, tl.abs(details[i]), propagate_nan=tl.PropagateNan.ALL)
+                        if ACC == tl.float32:
+                            exponent = big.to(tl.int32, bitcast=True) >> 23
+                            scale = (tl.maximum(254 - exponent, 1) << 23).to(tl.float32, bitcast=True)
+                        else:
+                            exponent = big.to(tl.int64, bitcast=True) >> 52
+                            scale = (tl.maximum(2046 - exponent, 1) << 52).to(tl.float64, bitcast=True)
+                        e_fine = (details[0] * scale) * (details[0] * scale)
+                        e_coarse = (coarser[0] * scale) * (coarser[0] * scale)
                         for i in tl.static_range(1, len(details)):
-                            e_fine = e_fine + details[i] * details[i]
-                            e_coarse = e_coarse + coarser[i] * coarser[i]
+                            e_fine = e_fine + (details[i] * scale) * (details[i] * scale)
+                            e_coarse = e_coarse + (coarser[i] * scale) * (coarser[i] * scale)
                         total = e_coarse + e_fine
                         positive = total > 0
                         safe_total = tl.where(positive, total, 1.0)
@@ -143,9 +159,10 @@ if triton is not None:
                         tau = tau * tl.where(positive, gamma, 0.0)
                     neg_tau = -tau
                 for i in tl.static_range(len(details)):
-                    d = tl.maximum(details[i], neg_tau, propagate_nan=tl.PropagateNan.ALL)
-                    d = tl.minimum(d, tau, propagate_nan=tl.PropagateNan.ALL)
-                    out = out - d * tl.full((), U[len(details) + i], ACC)
+                    if U[len(details) + i] != 0.0:
+                        d = tl.maximum(details[i], neg_tau, propagate_nan=tl.PropagateNan.ALL)
+                        d = tl.minimum(d, tau, propagate_nan=tl.PropagateNan.ALL)
+                        out = out - d * tl.full((), U[len(details) + i], ACC)
                 approx = coarser
         return out
 
@@ -499,13 +516,16 @@ def _filter_constexprs(
     buffer_size: int, is_full: bool, decay: float, threshold_scale: float, snr_gate: bool
 ) -> dict[str, Any]:
     """The filter's trace-time constants, from waveguard_optim.filter (none during warm-up,
-    so that warm-up launches share one compiled variant whatever the filter options)."""
+    so that warm-up launches share one compiled variant whatever the filter options). ``W``
+    is w without its leading zeros; ``TSCALE`` is 0 when no correction term has a nonzero
+    weight (kappa = 0, or decay = 1)."""
     if not is_full:
         return dict(FULL=False, W=(), U=(), STEPS=(), MIDDLE=(), TSCALE=0.0, SNR_GATE=False)
     w, u = filter_weights(buffer_size, float(decay))
     steps, middle = median_network(buffer_size // 2)
-    tscale = threshold_scale_factor(buffer_size, float(threshold_scale))
-    return dict(FULL=True, W=w, U=u, STEPS=steps, MIDDLE=middle, TSCALE=tscale, SNR_GATE=bool(snr_gate))
+    tscale = threshold_scale_factor(buffer_size, float(threshold_scale)) if any(u[1:]) else 0.0
+    first = next(j for j, x in enumerate(w) if x != 0)
+    return dict(FULL=True, W=w[first:], U=u, STEPS=steps, MIDDLE=middle, TSCALE=tscale, SNR_GATE=bool(snr_gate))
 
 
 def _tl_dtype(name: str, t: Tensor) -> Any:

@@ -79,7 +79,7 @@ class Case:
     buffer_size: int = 4
     dtypes: tuple[torch.dtype, ...] = (torch.float32,)  # cycled over the tensors
     buffer_dtype: torch.dtype | None = None
-    decay: float = 0.85
+    decay: float = 0.0  # the default: the denoised newest gradient (0.85: version 1's average)
     threshold_scale: float = 1.0
     snr_gate: bool = True
     maximize: bool = False
@@ -254,6 +254,10 @@ ADAM_CASES = {
         "adam", buffer_size=4, threshold_scale=1.5, snr_gate=False, maximize=True, weight_decay=0.1,
         options=dict(amsgrad=True),
     ),
+    "adam-n4-amsgrad-maximize-l2-decay085": Case(
+        "adam", buffer_size=4, decay=0.85, threshold_scale=1.5, maximize=True, weight_decay=0.1,
+        options=dict(amsgrad=True),
+    ),
     "adam-n8-decoupled-decay1": Case(
         "adam", buffer_size=8, decay=1.0, threshold_scale=1.5, weight_decay=0.1,
         options=dict(decoupled_weight_decay=True),
@@ -269,6 +273,9 @@ ADAM_CASES = {
         spread=0.2, options=dict(eps=1e-4, beta2=0.99),
     ),
     "adam-n8-bf16-slots": Case("adam", buffer_size=8, buffer_dtype=torch.bfloat16, threshold_scale=1.5),
+    "adam-n8-bf16-slots-decay085": Case(
+        "adam", buffer_size=8, decay=0.85, buffer_dtype=torch.bfloat16, threshold_scale=1.5
+    ),
     "adam-n4-fp64-amsgrad-decoupled": Case(
         "adam", buffer_size=4, dtypes=(torch.float64,), weight_decay=0.1,
         options=dict(amsgrad=True, decoupled_weight_decay=True),
@@ -296,6 +303,9 @@ SGD_CASES = {
     "sgd-n16-threshold-grad-scale": Case(
         "sgd", buffer_size=16, threshold_scale=1.5, grad_scale=1024.0, options=dict(momentum=0.9)
     ),
+    "sgd-n16-threshold-decay07": Case(
+        "sgd", buffer_size=16, decay=0.7, threshold_scale=1.5, options=dict(momentum=0.9)
+    ),
     "sgd-n4-bf16-nesterov": Case(
         "sgd", buffer_size=4, dtypes=(torch.bfloat16,), weight_decay=0.01, options=dict(momentum=0.9, nesterov=True)
     ),
@@ -305,6 +315,9 @@ SGD_CASES = {
     "sgd-n4-fp64-bf16-slots": Case(
         "sgd", buffer_size=4, dtypes=(torch.float64,), buffer_dtype=torch.bfloat16, weight_decay=0.01,
         options=dict(momentum=0.9),
+    ),
+    "sgd-n4-fp64-decay085": Case(
+        "sgd", buffer_size=4, dtypes=(torch.float64,), decay=0.85, options=dict(momentum=0.9),
     ),
     "sgd-n4-constant-grads": Case("sgd", buffer_size=4, offset=0.5, spread=0.0, options=dict(momentum=0.9)),
     "sgd-n2-tensor-lr": Case("sgd", buffer_size=2, options=dict(lr=torch.tensor(0.05), momentum=0.9)),
@@ -369,6 +382,69 @@ def test_decay_one_is_the_plain_mean_whatever_the_threshold() -> None:
             weight_decay=0.0, momentum=0.0, lr=1.0, dampening=0.0, nesterov=False, maximize=False,
         )  # fmt: skip
     torch.testing.assert_close(before - p, torch.stack(recorded).mean(0), rtol=1e-6, atol=1e-6)
+
+
+def _sgd_filter(slots: list[torch.Tensor], **wave: Any) -> torch.Tensor:
+    """g_hat of the fused step over ``slots`` (oldest first, the last is the current gradient):
+    the older ones are recorded by warm-up steps, then SGD with lr 1 and no momentum moves a
+    zero parameter to exactly -g_hat."""
+    n, p, state = len(slots), torch.zeros_like(slots[0]), {}
+    for g in slots:
+        histories, full = claim_histories([p], [state], buffer_size=n, buffer_dtype=None)
+        p.zero_()
+        triton_step.fused_wave_sgd_(
+            [p], [g], [None], histories, full, **wave, weight_decay=0.0, momentum=0.0, lr=1.0, dampening=0.0,
+            nesterov=False, maximize=False,
+        )  # fmt: skip
+    return -p
+
+
+@needs_interpreter
+@pytest.mark.parametrize("n", [4, 8])
+@pytest.mark.parametrize("decay", [0.0, 1e-300])
+def test_weights_of_zero_ignore_non_finite_slots(n: int, decay: float) -> None:
+    """SPEC section 3: terms whose weight is exactly 0 are not evaluated (0 * inf is NaN), and
+    kappa = 0 skips the threshold, so delta = 0, kappa = 0 gives b_{N-1} bit for bit with inf or
+    NaN in older slots (delta = 1e-300: every weight but the two newest underflows to 0)."""
+    gen = torch.Generator().manual_seed(n)
+    slots = [torch.randn(100, generator=gen) for _ in range(n)]
+    slots[0][:3] = torch.tensor([math.inf, -math.inf, math.nan])
+    if decay == 0:
+        slots[-2][3:6] = torch.tensor([math.nan, math.inf, -math.inf])
+    for snr_gate in (True, False):
+        assert torch.equal(_sgd_filter(slots, decay=decay, threshold_scale=0.0, snr_gate=snr_gate), slots[-1])
+
+
+@needs_interpreter
+@pytest.mark.parametrize("decay", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("buffer_dtype", [None, torch.bfloat16])
+def test_optimizer_fused_matches_reference_with_huge_gradients(decay: float, buffer_dtype: torch.dtype | None) -> None:
+    """WaveAdam(fused=True) against the reference for decay 0 (the default), in (0, 1) and 1,
+    with gradients of +-1e30 in the window: their squares overflow float32, which made the SNR
+    gate inf/inf = NaN (issue 11, item 5); the parameters stay finite."""
+    from waveguard_optim import WaveAdam
+    from waveguard_optim.reference import ReferenceWave
+
+    torch.manual_seed(0)
+    start = [torch.randn(37), torch.randn(5, 3)]
+    wave = dict(buffer_size=4, decay=decay, buffer_dtype=buffer_dtype)
+    runs = []
+    makers = (lambda ps: WaveAdam(ps, lr=0.01, fused=True, **wave), lambda ps: ReferenceWave(ps, torch.optim.Adam, lr=0.01, **wave))
+    for make in makers:
+        params = [torch.nn.Parameter(t.clone()) for t in start]
+        opt = make(params)
+        generator = torch.Generator().manual_seed(1)
+        for step in range(10):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=generator)
+                if step in (4, 5):
+                    p.grad.view(-1)[3] = 1e30 if step == 4 else -1e30
+            opt.step()
+        runs.append(params)
+    for fused, expected in zip(*runs):
+        assert torch.isfinite(fused).all()
+        rtol, atol = TOLERANCES[torch.float32]
+        torch.testing.assert_close(fused, expected, rtol=rtol, atol=atol)
 
 
 @needs_interpreter
@@ -473,10 +549,10 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from waveguard_optim.kernels import triton_step as ts
 
-def build(fn, dtypes, n, full, acc, arch, **flags):
+def build(fn, dtypes, n, full, acc, arch, decay=0.0, **flags):
     const = dict(dtypes, C=(7 if fn is ts._wave_adam_kernel else 4) + n, ACC=acc,
                  BLOCK=ts._launch_config(n, acc == tl.float64)[0], **flags,
-                 **ts._filter_constexprs(n, full, 0.85, 1.0, True))
+                 **ts._filter_constexprs(n, full, decay, 1.0, True))
     sig = dict(table="*i64", blocks="*i32", hyper="*fp64", scale_ptr="*fp32", **{k: "constexpr" for k in const})
     triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const), target=GPUTarget("cuda", arch, 32))
 
@@ -488,9 +564,12 @@ def adam_dt(p, s):
 for n in (2, 8, 64):
     build(ts._wave_adam_kernel, adam_dt(f32, f32), n, True, f32, 90, **adam)
 build(ts._wave_adam_kernel, adam_dt(bf16, bf16), 8, False, f32, 90, **adam)
+build(ts._wave_adam_kernel, adam_dt(f32, f32), 8, True, f32, 90, decay=0.85, **adam)
 build(ts._wave_adam_kernel, adam_dt(f32, bf16), 16, True, f32, 80, **dict(adam, DECOUPLED=True))
 build(ts._wave_adam_kernel, adam_dt(f64, bf16), 4, True, f64, 90, **adam)
+build(ts._wave_adam_kernel, adam_dt(f64, f64), 8, True, f64, 90, decay=0.85, **adam)
 build(ts._wave_sgd_kernel, dict(P_DT=f32, G_DT=f32, BUF_DT=f32, S_DT=f32), 32, True, f32, 90, **sgd)
+build(ts._wave_sgd_kernel, dict(P_DT=f32, G_DT=f32, BUF_DT=f32, S_DT=f32), 8, True, f32, 90, decay=1.0, **sgd)
 build(ts._wave_sgd_kernel, dict(P_DT=bf16, G_DT=bf16, BUF_DT=bf16, S_DT=bf16), 4, True, f32, 80,
       **dict(sgd, FIRST=True, NESTEROV=False))
 print("ok")
