@@ -90,10 +90,9 @@ if triton is not None:
         operations in the order of waveguard_optim.filter.fold_filter. Terms whose weight is
         0 are left out at trace time: ``W`` holds only the nonzero tail of w (its zeros come
         first), and a detail with u_i = 0 is never added (the compiler drops it)."""
-        first = len(b) - len(W)
-        out = b[first] * tl.full((), W[0], ACC)
+        out = b[len(b) - len(W)] * tl.full((), W[0], ACC)
         for j in tl.static_range(1, len(W)):
-            out = out + b[first + j] * tl.full((), W[j], ACC)
+            out = out + b[len(b) - len(W) + j] * tl.full((), W[j], ACC)
         if TSCALE != 0.0:  # 0: no correction term (kappa = 0, or every u_i = 0)
             s = tl.full((), _SQRT_HALF_C, ACC)
             approx = b
