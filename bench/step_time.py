@@ -8,7 +8,7 @@ same parameters and gradients side by side in one process, round robin in a fres
 order each round (a contender right after one that frees gigabytes of temporaries runs
 slower; no contender should always be that one), so that a busy machine slows them alike.
 Each row reports the median of ``--repeats`` timed steps, after ``buffer_size + 2`` untimed
-ones (the history is full: the filter runs):
+ones (the history is full: the filter runs with the library's default options):
 
 - ms/step and the ratio to torch's fused Adam (SGD rows: torch's fused SGD);
 - bytes moved per step: the least traffic the step needs (reads of p, grad, state and the
@@ -52,6 +52,7 @@ import torch
 
 from waveguard_optim import WaveAdam, WaveSGD
 from waveguard_optim.denoise import claim_histories
+from waveguard_optim.options import WAVE_DEFAULTS
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -210,7 +211,7 @@ def bytes_per_param(algo: str, name: str, n: int, p_bytes: int, slot_bytes: int)
 def bench_one(algo: str, total: int, layout: str, args: argparse.Namespace, paths: set[str]) -> list[dict[str, Any]]:
     params = make_params(total, layout, args.device)
     numel = sum(p.numel() for p in params)
-    wave = dict(buffer_size=args.buffer_size, decay=0.85, threshold_scale=1.0, snr_gate=True, buffer_dtype=args.buffer_dtype)
+    wave = dict(WAVE_DEFAULTS, buffer_size=args.buffer_size, buffer_dtype=args.buffer_dtype)  # the library's filter options
     steps = contenders(algo, params, args.device, wave, paths)
     measure = timer(args.device)
     for step in steps.values():  # warm-up: the history fills, every path reaches its steady state
@@ -236,7 +237,7 @@ def bench_one(algo: str, total: int, layout: str, args: argparse.Namespace, path
             dict(
                 algo=algo, layout=layout, tensors=len(params), params=numel, path=name, ms=median * 1e3,
                 ms_min=min(ts) * 1e3, ratio=median / base, bytes_moved=moved * numel, gb_per_s=moved * numel / median / 1e9,
-                state_bytes_per_param=state, peak_extra_bytes=memory.get(name), buffer_size=args.buffer_size,
+                state_bytes_per_param=state, peak_extra_bytes=memory.get(name), buffer_size=args.buffer_size, decay=wave["decay"],
                 buffer_dtype=str(args.buffer_dtype or params[0].dtype).replace("torch.", ""), repeats=args.repeats,
             )
         )  # fmt: skip
@@ -253,10 +254,11 @@ def first_step_times(buffer_size: int) -> dict[str, Any]:
         "from waveguard_optim.kernels import cpu_step\n"
         "p = torch.randn(1000); g = torch.randn(1000)\n"
         "from waveguard_optim.denoise import claim_histories\n"
+        "from waveguard_optim.options import WAVE_DEFAULTS\n"
         "st = {}; h, full = claim_histories([p], [st], buffer_size=%d, buffer_dtype=None)\n" % buffer_size
         + "start = time.perf_counter()\n"
         "cpu_step.fused_wave_adam_([p], [g], [torch.zeros(1000)], [torch.zeros(1000)], [], [torch.zeros(())], h, [True],"
-        " decay=0.85, threshold_scale=1.0, snr_gate=True, amsgrad=False, beta1=0.9, beta2=0.999, lr=1e-3,"
+        " decay=WAVE_DEFAULTS['decay'], threshold_scale=1.0, snr_gate=True, amsgrad=False, beta1=0.9, beta2=0.999, lr=1e-3,"
         " weight_decay=0.0, eps=1e-8, maximize=False, decoupled_weight_decay=False, backend='c')\n"
         "print(time.perf_counter() - start)\n"
     )
