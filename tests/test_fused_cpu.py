@@ -540,9 +540,10 @@ def test_compiled_kernel_is_cached_on_disk(tmp_path: Any, monkeypatch: pytest.Mo
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("decay", [0.0, 0.85])
 @pytest.mark.parametrize("gate", [True, False])
 @pytest.mark.parametrize("kind", ["adam", "sgd"])
-def test_non_finite_gradients_give_the_twins_non_finite_values(kind: str, gate: bool, backend: str) -> None:
+def test_non_finite_gradients_give_the_twins_non_finite_values(kind: str, gate: bool, decay: float, backend: str) -> None:
     """inf and NaN gradients (alone, in pairs of the same or opposite sign, next to finite
     ones) come out where and as the twin's do: the kernel's one-instruction min/max keep
     torch.minimum/maximum's NaN propagation."""
@@ -558,7 +559,7 @@ def test_non_finite_gradients_give_the_twins_non_finite_values(kind: str, gate: 
                     k += 1
     assert k <= size
     options = dict(momentum=0.9) if kind == "sgd" else {}
-    case = Case(kind, buffer_size=n, threshold_scale=1.5, snr_gate=gate, options=options)
+    case = Case(kind, buffer_size=n, decay=decay, threshold_scale=1.5, snr_gate=gate, options=options)
     p0 = [torch.randn(size, generator=torch.Generator().manual_seed(99))]
     fused, twin = Side(case, p0, True, backend), Side(case, p0, False)
     for g in grads:
