@@ -73,8 +73,9 @@ def gate_scale(m: Tensor) -> Tensor:
     The fused kernels build the same number from the same bits.
     """
     int_dtype, mantissa_bits, bias = {torch.float32: (torch.int32, 23, 127), torch.float64: (torch.int64, 52, 1023)}[m.dtype]
-    exponent = m.view(int_dtype) >> mantissa_bits  # the biased exponent field: m is 2^(exponent - bias) * 1.f
-    return ((2 * bias - exponent).clamp_min(1) << mantissa_bits).view(m.dtype)
+    # Shifts written as // and * (m >= 0): torch 2.13's DTensor (FSDP2 shards) returns >> unshifted.
+    exponent = m.view(int_dtype) // 2**mantissa_bits  # the biased exponent field: m is 2^(exponent - bias) * 1.f
+    return ((2 * bias - exponent).clamp_min(1) * 2**mantissa_bits).view(m.dtype)
 
 
 def median(x: Tensor) -> Tensor:
