@@ -1,0 +1,100 @@
+"""Checks shared by the fused kernels (C and Triton) on the tensors they reach through raw
+pointers, run before anything is written: a kernel trusts its pointer table completely, so a
+wrong dtype, an expanded tensor or two operands sharing memory would otherwise be an
+out-of-bounds or racing write (issue 11)."""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+from torch import Tensor
+
+_DTYPE = operator.attrgetter("dtype")
+
+
+def overlaps_itself(t: Tensor) -> bool:
+    """Whether two indices of ``t`` may address one element (a stride 0: ``expand``, some
+    ``as_strided`` views). Writing through such a tensor loses or races updates. Conservative:
+    the dims sorted by stride must each step past everything the smaller ones span."""
+    if t.numel() == 0:
+        return False
+    extent = 0
+    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz > 1):
+        if stride <= extent:
+            return True
+        extent += stride * (size - 1)
+    return False
+
+
+def byte_span(t: Tensor) -> tuple[int, int]:
+    """``[first byte, last byte + 1)`` of the memory ``t`` addresses."""
+    start = t.data_ptr()
+    if t.is_contiguous():
+        return start, start + t.numel() * t.element_size()
+    last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+    return start, start + (last + 1) * t.element_size()
+
+
+def check_memory(name: str, written: Mapping[str, Sequence[Tensor | None]], read: Mapping[str, Sequence[Tensor | None]]) -> None:
+    """Refuse (``RuntimeError`` naming the tensors) a ``written`` tensor that overlaps itself or
+    whose memory overlaps that of any other operand, written or read. Two read tensors may share
+    memory. ``None`` and empty tensors are skipped."""
+    labels: list[tuple[str, int]] = []
+    tensors: list[Tensor] = []
+    is_written: list[bool] = []
+    for flag, columns in ((True, written), (False, read)):
+        for column, values in columns.items():
+            for i, t in enumerate(values):
+                if t is not None and t.numel():
+                    labels.append((column, i))
+                    tensors.append(t)
+                    is_written.append(flag)
+    for (column, i), t, flag in zip(labels, tensors, is_written):
+        if flag and not t.is_contiguous() and overlaps_itself(t):
+            raise RuntimeError(
+                f"{name}: {column}[{i}] has overlapping elements (shape {tuple(t.shape)}, strides {t.stride()}, "
+                "e.g. an expanded tensor); the kernel writes it in place, so it needs memory of its own (.clone() it)"
+            )
+    if len(tensors) < 2:
+        return
+    spans = np.array(list(map(byte_span, tensors)), dtype=np.int64)
+    order = np.argsort(spans[:, 0], kind="stable")
+    starts, ends = spans[order, 0], spans[order, 1]
+    if not (starts[1:] < np.maximum.accumulate(ends)[:-1]).any():
+        return  # no two operands share a byte: the usual case, checked in one pass
+    flags = np.array(is_written)
+    for w in np.flatnonzero(flags):
+        hits = (spans[:, 0] < spans[w, 1]) & (spans[w, 0] < spans[:, 1])
+        hits[w] = False
+        if hits.any():
+            other = int(np.flatnonzero(hits)[0])
+            (column, i), (other_column, j) = labels[w], labels[other]
+            raise RuntimeError(
+                f"{name}: {column}[{i}] shares memory with {other_column}[{j}]; the kernel writes {column}[{i}] "
+                "in place, so it needs memory of its own (.clone() it)"
+            )
+
+
+def check_state_dtypes(name: str, params: Sequence[Tensor], state: Mapping[str, Sequence[Tensor]]) -> None:
+    """Every Adam state tensor has its parameter's dtype, as torch's Adam requires: after
+    ``model.double()`` on an optimizer with state, torch raises ``expected dtype float for `end`
+    but got dtype double``; so does this, before anything changes."""
+    pdtypes = list(map(_DTYPE, params))
+    for column, tensors in state.items():
+        if list(map(_DTYPE, tensors)) == pdtypes:
+            continue
+        i, t = next((i, t) for i, t in enumerate(tensors) if t.dtype != pdtypes[i])
+        raise RuntimeError(
+            f"{name}: expected dtype {pdtypes[i]} for {column}[{i}] (its parameter's dtype, as torch.optim.Adam "
+            f"requires) but got dtype {t.dtype}; after converting a model (model.double(), .half(), ...) convert "
+            "the optimizer's state too, or create the optimizer again"
+        )
+
+
+def check_steps(name: str, state_steps: Sequence[Tensor]) -> None:
+    """Every step count is a one-element tensor (the kernels read and write one value)."""
+    if not all(t.numel() == 1 for t in state_steps):
+        i = next(i for i, t in enumerate(state_steps) if t.numel() != 1)
+        raise RuntimeError(f"{name}: state_steps[{i}] must be a one-element tensor, got shape {tuple(state_steps[i].shape)}")
