@@ -232,21 +232,20 @@ def _check_operands(
     step writes overlaps itself or another operand. ``None`` states (SGD's first momentum
     buffers) are skipped."""
     sizes = list(map(Tensor.numel, params))
-    owner = [i for i, h in enumerate(histories) for _ in h]
     slots = [s for h in histories for s in h]
-    checks = [(name, tensors, range(len(params))) for name, tensors in dict(grads=grads, **state).items()]
-    for column, tensors, owners in [*checks, ("wave_history", slots, owner)]:
-        present = [(k, t) for k, t in enumerate(tensors) if t is not None]
-        if not all(t.is_cpu for _, t in present):
-            k = next(k for k, t in present if not t.is_cpu)
+    slot_sizes = [sizes[i] for i, h in enumerate(histories) for _ in h]
+    for column, tensors, expected in [*((c, ts, sizes) for c, ts in dict(grads=grads, **state).items()), ("wave_history", slots, slot_sizes)]:
+        tensors = [t if t is not None else params[i] for i, t in enumerate(tensors)] if column == "momentum_buffers" else tensors
+        if all(map(_IS_CPU, tensors)) and list(map(Tensor.numel, tensors)) == expected:
+            continue
+        owners = [i for i, h in enumerate(histories) for _ in h] if column == "wave_history" else range(len(params))
+        k = next(k for k, t in enumerate(tensors) if not t.is_cpu or t.numel() != expected[k])
+        if not tensors[k].is_cpu:
             raise RuntimeError(f"The fused CPU step needs CPU tensors, got a {column} tensor of parameter {owners[k]} on {tensors[k].device}")
-        got = [t.numel() for _, t in present]
-        if got != [sizes[owners[k]] for k, _ in present]:
-            k = next(k for k, t in present if t.numel() != sizes[owners[k]])
-            raise RuntimeError(
-                f"The fused CPU step needs {column} tensors of their parameter's size: parameter {owners[k]} "
-                f"has {sizes[owners[k]]} elements, its {column} tensor {got[k]} elements"
-            )
+        raise RuntimeError(
+            f"The fused CPU step needs {column} tensors of their parameter's size: parameter {owners[k]} "
+            f"has {expected[k]} elements, its {column} tensor {tensors[k].numel()} elements"
+        )
     newest = [h[-1] for h in histories]
     older = [s for h in histories for s in h[:-1]]
     check_memory(name, dict(params=params, **state, state_steps=steps, newest_history_slots=newest), dict(grads=grads, older_history_slots=older))

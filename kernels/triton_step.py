@@ -194,6 +194,8 @@ if triton is not None:
                 b = b + (tl.load(slot + offs, mask=mask, other=0.0).to(ACC),)
             b = b + (newest.to(ACC),)  # the current gradient as stored
             g = _wave_filter(b, ACC, W, U, STEPS, MIDDLE, TSCALE, SNR_GATE)
+            if G_DT != ACC:  # g_hat in the gradient's dtype, as the eager path hands it to the update
+                g = g.to(G_DT).to(ACC)
         return g
 
     @triton.jit

@@ -139,13 +139,15 @@ def _corrupt(sd, how):
         state["wave_history_1"] = state["wave_history_1"].to("meta")
     elif how == "float8-slot":  # buffer_dtype allows float16, bfloat16, float32, float64 only
         state["wave_history_1"] = state["wave_history_1"].to(torch.float8_e4m3fn)
+    elif how == "int-slot":
+        state["wave_history_1"] = state["wave_history_1"].to(torch.int32)
     return sd
 
 
 MALFORMED = ["missing-slot", "extra-slot", "wrong-shape", "missing-count", "negative-count", "buffer-size-mismatch", "invalid-option"]
 
 
-@pytest.mark.parametrize("how", [*MALFORMED, "meta-slot", "float8-slot"])
+@pytest.mark.parametrize("how", [*MALFORMED, "meta-slot", "float8-slot", "int-slot"])
 def test_malformed_checkpoint_is_refused_before_any_change(how):
     params = make_params()
     opt = WaveAdam(params, lr=0.01, buffer_size=4)
