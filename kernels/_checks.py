@@ -43,10 +43,12 @@ def check_memory(name: str, written: Mapping[str, Sequence[Tensor | None]], read
     memory. ``None`` and empty tensors are skipped. The usual case (nothing shared) costs a few
     C-level passes over the list and one sort."""
     columns = [*written.items(), *read.items()]
-    tensors = [t for _, values in columns for t in values if t is not None]
+    tensors = [t for values in written.values() for t in values if t is not None]
+    is_written = np.zeros(len(tensors) + sum(map(len, read.values())), dtype=bool)
+    is_written[: len(tensors)] = True
+    tensors += [t for values in read.values() for t in values if t is not None]
     count = len(tensors)
-    is_written = np.zeros(count, dtype=bool)
-    is_written[: sum(1 for _, values in written.items() for t in values if t is not None)] = True
+    is_written = is_written[:count]
     starts = np.fromiter(map(Tensor.data_ptr, tensors), dtype=np.int64, count=count)
     ends = starts + np.fromiter(map(_NBYTES, tensors), dtype=np.int64, count=count)  # exact where contiguous
     strided = np.flatnonzero(~np.fromiter(map(Tensor.is_contiguous, tensors), dtype=bool, count=count))
