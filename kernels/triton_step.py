@@ -441,8 +441,9 @@ class _Launch:
         self.write_back: list[tuple[Tensor, Tensor]] = []
         self.written: list[Tensor] = []  # written in place by the kernel: bump their autograd versions
 
-    def addresses(self, tensors: Sequence[Tensor | None], written: Sequence[bool]) -> list[int]:
-        """Addresses of elementwise-aligned tensors (``tensors[0]`` is the parameter; None -> 0).
+    def addresses(self, tensors: Sequence[Tensor | None], written: Sequence[bool], names: Sequence[str], index: int) -> list[int]:
+        """Addresses of elementwise-aligned tensors (``tensors[0]`` is the parameter ``index``;
+        None -> 0); ``names`` are the lists they come from, the history slots follow them.
 
         If every tensor shares the parameter's dense layout (contiguous, channels_last, a
         transpose ...) the kernel walks their storage directly; otherwise it works on
@@ -450,10 +451,11 @@ class _Launch:
         """
         p = tensors[0]
         present = [t for t in tensors if t is not None]
-        for t in present:
-            if t.device != p.device or t.shape != p.shape:
+        for k, t in enumerate(tensors):
+            if t is not None and (t.device != p.device or t.shape != p.shape):
+                name = names[k] if k < len(names) else f"history slot {k - len(names)} of parameter"
                 raise RuntimeError(
-                    f"{self.name}: every state and history tensor must have the parameter's device and shape "
+                    f"{self.name}: {name}[{index}] must have the parameter's device and shape "
                     f"({p.device}, {tuple(p.shape)}), got {t.device}, {tuple(t.shape)}"
                 )
         direct = _dense(p) and all(_same_layout(t, p) for t in present)
@@ -664,6 +666,8 @@ def fused_wave_adam_(
         addresses = launch.addresses(
             [p, grads[i], exp_avgs[i], exp_avg_sqs[i], max_exp_avg_sq, *slots],
             [True, False, True, True, True, *([False] * (n - 1)), True],
+            ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"),
+            i,
         )
         launch.add_row(p.numel(), [*addresses[:5], 0, *addresses[5:]])
         step_rows.append((launch.rows[-1], i))
@@ -753,7 +757,9 @@ def fused_wave_sgd_(
         if launch is None:
             launch = launches[key] = _Launch(name, device)
         n = len(slots)
-        addresses = launch.addresses([p, grads[i], buf, *slots], [True, False, True, *([False] * (n - 1)), True])
+        addresses = launch.addresses(
+            [p, grads[i], buf, *slots], [True, False, True, *([False] * (n - 1)), True], ("params", "grads", "momentum_buffers"), i
+        )
         launch.add_row(p.numel(), addresses)
     for i, buf in created.items():
         momentum_buffers[i] = buf

@@ -169,8 +169,8 @@ BAD_STATES = {
     "exp_avg on meta": ("adam", lambda st: st.update(exp_avg=st["exp_avg"].to("meta")), "meta"),
     "momentum_buffer on meta": ("sgd", lambda st: st.update(momentum_buffer=st["momentum_buffer"].to("meta")), "meta"),
     "history slot on meta": ("adam", lambda st: st.update(wave_history_0=st["wave_history_0"].to("meta")), "meta"),
-    "exp_avg too small": ("adam", lambda st: st.update(exp_avg=st["exp_avg"][:-1]), "exp_avg|shape"),
-    "max_exp_avg_sq too small": ("adam", lambda st: st.update(max_exp_avg_sq=st["max_exp_avg_sq"][:-1]), "max_exp_avg_sq|shape"),
+    "exp_avg too small": ("adam", lambda st: st.update(exp_avg=st["exp_avg"][:-1]), "exp_avg"),
+    "max_exp_avg_sq too small": ("adam", lambda st: st.update(max_exp_avg_sq=st["max_exp_avg_sq"][:-1]), "max_exp_avg_sq"),
     "step of two elements": ("adam", lambda st: st.update(step=torch.zeros(2)), "state_steps\\[0\\] must be a one-element tensor"),
 }
 
