@@ -30,7 +30,12 @@ give the twin's non-finite results. A ``grad_scale`` that is not a power of two 
 always are) is handled by the torch back end.
 
 ``backend=None`` takes ``$WAVEGUARD_CPU_BACKEND`` if set, else C when a compiler is found,
-else torch. :func:`cpu_fused_available` says whether the C kernel can be used.
+else torch. :func:`cpu_fused_available` says whether the C kernel can be used. A C kernel that
+cannot be built (the compiler fails or hangs) falls back to torch with a warning, or raises
+when the C back end was named or ``strict`` (``fused=True``) asks for it.
+
+Every tensor is checked before anything is written (``_check_operands``): the C kernel reaches
+them through raw pointers typed by the parameter's dtype.
 
 Non-contiguous tensors are processed through a contiguous copy that is written back (one
 tensor's worth of temporary memory each), complex tensors as their real view.
