@@ -31,15 +31,21 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import functools
+import getpass
 import hashlib
+import math
 import os
 import platform
 import shlex
 import shutil
+import signal
+import stat
 import subprocess
 import sys
 import tempfile
 import threading
+import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -477,8 +483,8 @@ def _find_compiler(cc: str | None, path: str | None) -> str | None:
 def _toolchain_id(compiler: str) -> str:
     """What a compiled kernel depends on besides its source: the compiler and the CPU."""
     try:
-        version = subprocess.run([*shlex.split(compiler), "--version"], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError):
+        version = _run([*shlex.split(compiler), "--version"], min(30.0, _cc_timeout()))[1]
+    except (OSError, TimeoutError):
         version = ""
     cpu = platform.machine() + platform.processor()
     try:
@@ -489,42 +495,183 @@ def _toolchain_id(compiler: str) -> str:
     return "\n".join([compiler, version, cpu, " ".join(FLAGS), OPENMP])
 
 
-def cache_dir() -> Path:
-    """Where compiled kernels live.
+CC_TIMEOUT = 120.0
+"""Seconds a compiler run may take (``$WAVEGUARD_CC_TIMEOUT`` overrides): a hung compiler must
+not block ``opt.step()`` forever (the build holds the module lock)."""
 
-    ``WAVEGUARD_CACHE_DIR`` if set, else ``$XDG_CACHE_HOME/waveguard_optim`` (``~/.cache``),
-    else a folder in the temp dir when the home cache is not writable.
+STALE_BUILD_AGE = 3600.0
+"""Seconds after which a leftover build folder is removed even if its pid still runs (reused)."""
+
+_warned_cache: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned_cache:
+        _warned_cache.add(message)
+        warnings.warn(f"waveguard_optim: {message}", stacklevel=3)
+
+
+def _cc_timeout() -> float:
+    value = os.environ.get("WAVEGUARD_CC_TIMEOUT")
+    if not value:
+        return CC_TIMEOUT
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not seconds > 0:
+        raise ValueError(f"Invalid WAVEGUARD_CC_TIMEOUT: {value!r} (expected seconds > 0)")
+    return seconds
+
+
+def _private(info: os.stat_result) -> bool:
+    """Owned by this process's user and writable by nobody else: what the cache trusts. (Without
+    POSIX users, Windows, every file counts as private.)"""
+    if not hasattr(os, "geteuid"):
+        return True
+    return info.st_uid == os.geteuid() and not info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+
+
+def _private_folder(folder: Path) -> bool:
+    """Create ``folder`` (mode 0700) if needed; whether it is a private folder we can write."""
+    try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        info = os.stat(folder)
+        if not (stat.S_ISDIR(info.st_mode) and _private(info)):
+            return False
+        probe = folder / f".probe-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError:
+        return False
+    return True
+
+
+def cache_dir() -> Path:
+    """Where compiled kernels live: a folder private to this user (created 0700; it must be
+    owned by the user and writable by no one else, since the libraries in it are loaded into
+    the process).
+
+    ``WAVEGUARD_CACHE_DIR`` if set, else ``$XDG_CACHE_HOME/waveguard_optim`` (``~/.cache``).
+    When that is not a private writable folder: ``<tempdir>/waveguard_optim-<uid>``, and when
+    that one is not private either (another user made it), a fresh private folder from
+    ``mkdtemp``; either move is warned once.
     """
     root = os.environ.get("WAVEGUARD_CACHE_DIR")
     if root:
         base = Path(root)
     else:
         base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "waveguard_optim"
-    folder = base / f"c-{platform.system().lower()}-{platform.machine()}"
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".probe-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError:
-        folder = Path(tempfile.gettempdir()) / "waveguard_optim" / folder.name
-        folder.mkdir(parents=True, exist_ok=True)
+    name = f"c-{platform.system().lower()}-{platform.machine()}"
+    user = os.geteuid() if hasattr(os, "geteuid") else getpass.getuser()
+    fallback = Path(tempfile.gettempdir()) / f"waveguard_optim-{user}"
+    for folder in (base / name, fallback / name):
+        if _private_folder(folder):
+            if folder.parent != base:
+                _warn_once(f"kernel cache {base / name} is not a private writable folder; using {folder}")
+            return folder
+    return _fresh_folder(base / name)
+
+
+@functools.lru_cache(maxsize=None)
+def _fresh_folder(wanted: Path) -> Path:
+    """One fresh private folder per process, for when no usable cache folder exists."""
+    folder = Path(tempfile.mkdtemp(prefix="waveguard_optim-"))
+    _warn_once(f"kernel cache {wanted} is not a private writable folder, nor is the temp-dir fallback; using {folder}")
     return folder
+
+
+def _run(command: list[str], timeout: float) -> tuple[int, str]:
+    """``(exit status, output)`` of a compiler run; on timeout its whole process group is
+    killed (a compiler's children would otherwise keep its pipes open) and TimeoutError raised."""
+    posix = hasattr(os, "killpg")
+    with subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=posix
+    ) as proc:
+        try:
+            output, _ = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            if posix:
+                os.killpg(proc.pid, signal.SIGKILL)
+            else:
+                proc.kill()
+            proc.communicate()
+            raise TimeoutError(f"the C compiler did not finish within {timeout:g} s (WAVEGUARD_CC_TIMEOUT sets the limit): {command[0]}") from None
+    return proc.returncode, output
+
+
+def _checksum_path(library: Path) -> Path:
+    return library.with_name(library.name + ".sha256")
+
+
+def _digest(data: bytes) -> str:
+    return f"{len(data)} {hashlib.sha256(data).hexdigest()}"
+
+
+def _intact(library: Path) -> bool:
+    """Whether ``library`` may be loaded: a private file whose size and sha256 are those written
+    next to it when it was built. Read (not mapped) here, so a truncated or damaged file
+    costs a rebuild, not a SIGBUS or SIGILL inside ``dlopen``."""
+    try:
+        info = os.stat(library)
+        if not (stat.S_ISREG(info.st_mode) and _private(info)):
+            return False
+        expected = _checksum_path(library).read_text().strip()
+        return _digest(library.read_bytes()) == expected
+    except OSError:
+        return False
+
+
+def _remove_stale_builds(folder: Path) -> None:
+    """Remove the build folders (``build-<pid>-*``) of builds that died: their pid is gone, or
+    they are older than ``STALE_BUILD_AGE``."""
+    for entry in folder.glob("build-*-*"):
+        try:
+            pid = int(entry.name.split("-")[1])
+            age = time.time() - entry.stat().st_mtime
+        except (ValueError, OSError):
+            continue
+        if pid != os.getpid() and (age > STALE_BUILD_AGE or not _alive(pid)):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, another user's (PermissionError), or no way to tell
+        return True
+    return True
 
 
 def _build(source: str, target: Path, compiler: str) -> None:
     """Compile ``source`` into the shared library ``target`` (with OpenMP if the compiler has
-    it), atomically: a concurrent process either sees no file or a whole one."""
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        c_file, library = Path(tmp) / "kernel.c", Path(tmp) / target.name
+    it), atomically: a concurrent process either sees no file or a whole one. Its size and
+    sha256 go next to it (``<name>.sha256``, also replaced atomically), for ``_intact``."""
+    _remove_stale_builds(target.parent)
+    timeout = _cc_timeout()
+    tmp = Path(tempfile.mkdtemp(prefix=f"build-{os.getpid()}-", dir=target.parent))
+    try:
+        c_file, library = tmp / "kernel.c", tmp / target.name
         c_file.write_text(source)
         for extra in ([OPENMP], []):
             command = [*shlex.split(compiler), *FLAGS, *extra, str(c_file), "-o", str(library)]
-            res = subprocess.run(command, capture_output=True, text=True)
-            if res.returncode == 0:
+            try:
+                status, output = _run(command, timeout)
+            except TimeoutError as err:
+                raise RuntimeError(str(err)) from None
+            except OSError as err:
+                raise RuntimeError(f"cannot run the C compiler {compiler}: {err.strerror or err}") from None
+            if status == 0:
+                checksum = tmp / "checksum"
+                checksum.write_text(_digest(library.read_bytes()) + "\n")
                 os.replace(library, target)
+                os.replace(checksum, _checksum_path(target))
                 return
-        raise RuntimeError(f"{compiler} failed to compile {target.stem}: {res.stderr.strip()[:2000]}")
+        raise RuntimeError(f"{compiler} failed to compile {target.stem}: {output.strip()[:2000]}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 _LOCK = threading.Lock()
@@ -532,8 +679,9 @@ _LOADED: dict[tuple[Any, ...], Kernel] = {}
 
 
 def get_kernel(algo: str, n: int, pkind: str, skind: str, options: tuple[str, ...]) -> Kernel:
-    """This variant, compiled on first use and loaded from the disk cache afterwards. Raises
-    ``RuntimeError`` when there is no C compiler or it cannot build the variant."""
+    """This variant, compiled on first use and loaded from the disk cache afterwards (after
+    checking the cached file: see ``_intact``; a damaged or foreign one is rebuilt). Raises
+    ``RuntimeError`` when there is no C compiler or it cannot build the variant in time."""
     key = (algo, n, pkind, skind, options)
     kernel = _LOADED.get(key)
     if kernel is not None:
@@ -549,7 +697,7 @@ def get_kernel(algo: str, n: int, pkind: str, skind: str, options: tuple[str, ..
             suffix = ".dll" if sys.platform == "win32" else ".so"
             variant = "-".join(options) or "plain"
             path = cache_dir() / f"wg_{algo}_n{n}_{pkind}_{skind}_{variant}_{digest}{suffix}"
-            if not path.exists():
+            if not _intact(path):
                 _build(source, path, compiler)
             library = ctypes.CDLL(str(path))
             library.wg_run.argtypes, library.wg_run.restype = _RUN_ARGS, None

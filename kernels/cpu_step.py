@@ -30,7 +30,12 @@ give the twin's non-finite results. A ``grad_scale`` that is not a power of two 
 always are) is handled by the torch back end.
 
 ``backend=None`` takes ``$WAVEGUARD_CPU_BACKEND`` if set, else C when a compiler is found,
-else torch. :func:`cpu_fused_available` says whether the C kernel can be used.
+else torch. :func:`cpu_fused_available` says whether the C kernel can be used. A C kernel that
+cannot be built (the compiler fails or hangs) falls back to torch with a warning, or raises
+when the C back end was named or ``strict`` (``fused=True``) asks for it.
+
+Every tensor is checked before anything is written (``_check_operands``): the C kernel reaches
+them through raw pointers typed by the parameter's dtype.
 
 Non-contiguous tensors are processed through a contiguous copy that is written back (one
 tensor's worth of temporary memory each), complex tensors as their real view.
@@ -55,6 +60,7 @@ from torch import Tensor
 
 from waveguard_optim.filter import compute_dtype, filter_weights, fold_filter, threshold_scale_factor
 from waveguard_optim.kernels import cpu_c
+from waveguard_optim.kernels._checks import check_memory, check_state_dtypes, check_steps
 
 __all__ = ["fused_wave_adam_", "fused_wave_sgd_", "cpu_fused_available"]
 
@@ -223,20 +229,49 @@ def _groups(params: Sequence[Tensor], grads: Sequence[Tensor], histories: Sequen
     return out
 
 
-def _check_sizes(params: Sequence[Tensor], columns: dict[str, Sequence[Tensor]], histories: Sequence[Sequence[Tensor]]) -> None:
-    """Every gradient, state and history tensor holds as many elements as its parameter: the C
-    kernel walks them all by the parameter's count. Refused before anything changes."""
+def _check_operands(
+    name: str,
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    state: dict[str, Sequence[Tensor | None]],
+    histories: Sequence[Sequence[Tensor]],
+    steps: Sequence[Tensor] = (),
+) -> None:
+    """What the C kernel (and the torch back end's flat views) rely on, refused before anything
+    changes: every gradient, state and history tensor is a CPU tensor holding as many elements
+    as its parameter (the kernel walks them all by the parameter's count), and no tensor the
+    step writes overlaps itself or another operand. ``None`` states (SGD's first momentum
+    buffers) are skipped."""
     sizes = list(map(Tensor.numel, params))
-    owner = [i for i, h in enumerate(histories) for _ in h]
-    checks = [(name, tensors, range(len(params))) for name, tensors in columns.items()]
-    for name, tensors, owners in [*checks, ("wave_history", [s for h in histories for s in h], owner)]:
-        got = list(map(Tensor.numel, tensors))
-        if got != [sizes[i] for i in owners]:
-            k = next(k for k, i in enumerate(owners) if got[k] != sizes[i])
-            raise RuntimeError(
-                f"The fused CPU step needs {name} tensors of their parameter's size: parameter {owners[k]} "
-                f"has {sizes[owners[k]]} elements, its {name} tensor {got[k]} elements"
-            )
+    slots = [s for h in histories for s in h]
+    slot_sizes = [sizes[i] for i, h in enumerate(histories) for _ in h]
+    for column, tensors, expected in [*((c, ts, sizes) for c, ts in dict(grads=grads, **state).items()), ("wave_history", slots, slot_sizes)]:
+        tensors = [t if t is not None else params[i] for i, t in enumerate(tensors)] if column == "momentum_buffers" else tensors
+        if all(map(_IS_CPU, tensors)) and list(map(Tensor.numel, tensors)) == expected:
+            continue
+        owners = [i for i, h in enumerate(histories) for _ in h] if column == "wave_history" else range(len(params))
+        k = next(k for k, t in enumerate(tensors) if not t.is_cpu or t.numel() != expected[k])
+        if not tensors[k].is_cpu:
+            raise RuntimeError(f"The fused CPU step needs CPU tensors, got a {column} tensor of parameter {owners[k]} on {tensors[k].device}")
+        raise RuntimeError(
+            f"The fused CPU step needs {column} tensors of their parameter's size: parameter {owners[k]} "
+            f"has {expected[k]} elements, its {column} tensor {tensors[k].numel()} elements"
+        )
+    newest = [h[-1] for h in histories]
+    older = [s for h in histories for s in h[:-1]]
+    check_memory(name, dict(params=params, **state, state_steps=steps, newest_history_slots=newest), dict(grads=grads, older_history_slots=older))
+
+
+def _to_torch_back_end(groups: dict[tuple[Any, ...], list[int]], members: set[int]) -> dict[tuple[Any, ...], list[int]]:
+    """``groups`` with ``members`` moved to keys whose history dtype is None: the torch back end,
+    whose tensor ops mix dtypes as torch's optimizers do (the C kernel types every column)."""
+    if not members:
+        return groups
+    out: dict[tuple[Any, ...], list[int]] = {}
+    for key, indices in groups.items():
+        for i in indices:
+            out.setdefault((key[0], None, *key[2:]) if i in members else key, []).append(i)
+    return out
 
 
 def _picker(members: list[int], total: int) -> Any:
@@ -276,32 +311,48 @@ def _workers(threads: int) -> ThreadPoolExecutor:
     return pool
 
 
-def _c_kernel(algo: str, options: dict[str, bool], pkind: str, skind: str, n: int) -> cpu_c.Kernel | None:
+def _c_required(backend: str | None, strict: bool) -> bool:
+    """Whether a C kernel that cannot be built (a broken, missing or hanging compiler) raises
+    instead of falling back to torch: the C back end was named (``backend`` or
+    ``$WAVEGUARD_CPU_BACKEND``), or the caller insists on the fused step (``fused=True``)."""
+    return strict or (backend or os.environ.get("WAVEGUARD_CPU_BACKEND") or "").lower() == "c"
+
+
+def _c_kernel(algo: str, options: dict[str, bool], pkind: str, skind: str, n: int, required: bool) -> cpu_c.Kernel | None:
     """The C kernel variant for these switches (by name: ``cpu_c.OPTIONS``), or None if it
-    cannot be built here (the caller then uses the torch back end; warned once per variant)."""
+    cannot be built here (the caller then uses the torch back end; warned once per variant),
+    unless ``required``: then the failure raises."""
     switches = tuple(name for name in cpu_c.OPTIONS[algo] if options[name])
     key = (algo, n, pkind, skind, switches)
-    if key in _broken_variants:
+    if key in _broken_variants and not required:
         return None
     try:
         return cpu_c.get_kernel(algo, n, pkind, skind, switches)
     except Exception as err:  # noqa: BLE001 - any failure to build a kernel means: use torch
+        if required:
+            raise RuntimeError(f"The fused CPU kernel {key} cannot be built ({_short(err)}); fix $CC, or set WAVEGUARD_CPU_BACKEND=torch") from err
         _broken_variants.add(key)
         warnings.warn(f"waveguard_optim: fused CPU kernel {key} unavailable ({_short(err)}); using the torch back end", stacklevel=4)
         return None
 
 
 def _plans(
-    algo: str, switches: dict[str, bool], groups: dict[tuple[Any, ...], list[int]], use_c: bool, decay: float, threshold_scale: float
+    algo: str,
+    switches: dict[str, bool],
+    groups: dict[tuple[Any, ...], list[int]],
+    use_c: bool,
+    required: bool,
+    decay: float,
+    threshold_scale: float,
 ) -> list[tuple[tuple[Any, ...], list[int], cpu_c.Kernel | None]]:
     """``(group key, members, C kernel or None for the torch back end)`` per group, every kernel
-    loaded before anything is written. Slots of mixed dtypes (history dtype None) and weights
-    no variant evaluates exactly (``_filter_constants``) take torch."""
+    loaded before anything is written. A history dtype of None (slots of mixed dtypes, see
+    ``_to_torch_back_end``) and weights no variant evaluates exactly (``_filter_constants``) take torch."""
     return [
         (
             key,
             members,
-            _c_kernel(algo, switches, _KINDS[key[0]], _KINDS[key[1]], key[2])
+            _c_kernel(algo, switches, _KINDS[key[0]], _KINDS[key[1]], key[2], required)
             if use_c and key[1] and _filter_constants(key[2], decay, threshold_scale)[4]
             else None,
         )
@@ -573,14 +624,18 @@ def fused_wave_adam_(
     decoupled_weight_decay: bool,
     grad_scale: Tensor | None = None,
     backend: str | None = None,
+    strict: bool = False,
 ) -> None:
     """Record each gradient into ``histories[i][-1]``, filter where ``full[i]``, and take one
-    torch Adam step on the result (incrementing ``state_steps``). ``grads`` are not modified."""
+    torch Adam step on the result (incrementing ``state_steps``). ``grads`` are not modified.
+    ``strict`` (the optimizer's ``fused=True``): a C kernel that cannot be built raises."""
     if not params:
         return
     groups = _groups(params, grads, histories)
     state = dict(exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs) | (dict(max_exp_avg_sqs=max_exp_avg_sqs) if amsgrad else {})
-    _check_sizes(params, dict(grads=grads, **state), histories)
+    check_state_dtypes("fused_wave_adam_", params, state)
+    check_steps("fused_wave_adam_", state_steps)
+    _check_operands("fused_wave_adam_", params, grads, state, histories, state_steps)
     use = _resolve_backend(backend)
     b1, b2, lr_, wd = _to_float(beta1), _to_float(beta2), _to_float(lr), _to_float(weight_decay)
     scale = None if grad_scale is None else _to_float(grad_scale)
@@ -593,7 +648,9 @@ def fused_wave_adam_(
         gate=snr_gate,
         newest=decay == 0,
     )
-    plans = _plans("adam", switches, groups, use == "c" and _exact_reciprocal(scale), decay, threshold_scale)
+    plans = _plans(
+        "adam", switches, groups, use == "c" and _exact_reciprocal(scale), _c_required(backend, strict), decay, threshold_scale
+    )
     kernels = [kernel for *_, kernel in plans]
     step_size, bc2_sqrt = _adam_steps(state_steps, lr_, b1, b2, kernels[0] if all(kernels) else None)
 
@@ -643,15 +700,21 @@ def fused_wave_sgd_(
     maximize: bool,
     grad_scale: Tensor | None = None,
     backend: str | None = None,
+    strict: bool = False,
 ) -> None:
     """Record each gradient into ``histories[i][-1]``, filter where ``full[i]``, and take one
     torch SGD step on the result. A ``None`` momentum buffer is created (as torch does: the
-    first update's gradient) and put into ``momentum_buffers`` in place."""
+    first update's gradient) and put into ``momentum_buffers`` in place. ``strict``: as for
+    :func:`fused_wave_adam_`."""
     if not params:
         return
     groups = _groups(params, grads, histories)
-    buffers_so_far = [p if b is None else b for p, b in zip(params, momentum_buffers)] if momentum != 0 else params
-    _check_sizes(params, dict(grads=grads, momentum_buffers=buffers_so_far), histories)
+    state = dict(momentum_buffers=momentum_buffers) if momentum != 0 else {}
+    _check_operands("fused_wave_sgd_", params, grads, state, histories)
+    # A buffer of another dtype than its parameter's (model.half() after some steps): torch's SGD
+    # trains on, mixing dtypes in its tensor ops; so does the torch back end.
+    mixed = {i for i, b in enumerate(state.get("momentum_buffers", ())) if b is not None and b.dtype != params[i].dtype}
+    groups = _to_torch_back_end(groups, mixed)
     use = _resolve_backend(backend)
     lr_, wd, mom, damp = _to_float(lr), _to_float(weight_decay), float(momentum), float(dampening)
     scale = None if grad_scale is None else _to_float(grad_scale)
@@ -664,7 +727,9 @@ def fused_wave_sgd_(
     buffers: list[Tensor] = momentum_buffers  # type: ignore[assignment]
 
     switches = dict(momentum=mom != 0, l2=wd != 0, nesterov=nesterov, gate=snr_gate, newest=decay == 0)
-    plans = _plans("sgd", switches, groups, use == "c" and _exact_reciprocal(scale), decay, threshold_scale)
+    plans = _plans(
+        "sgd", switches, groups, use == "c" and _exact_reciprocal(scale), _c_required(backend, strict), decay, threshold_scale
+    )
     for (pdtype, _, n, _), members, kernel in plans:
         constants = _filter_constants(n, decay, threshold_scale)
         pick = _picker(members, len(params))

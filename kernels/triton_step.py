@@ -45,6 +45,7 @@ import torch
 from torch import Tensor
 
 from waveguard_optim.filter import compute_dtype, filter_weights, median_network, threshold_scale_factor
+from waveguard_optim.kernels._checks import check_memory, check_state_dtypes, check_steps
 
 try:
     import triton
@@ -209,6 +210,8 @@ if triton is not None:
                 b = b + (tl.load(slot + offs, mask=mask, other=0.0).to(ACC),)
             b = b + (newest.to(ACC),)  # the current gradient as stored
             g = _wave_filter(b, ACC, W, U, STEPS, MIDDLE, TSCALE, SNR_GATE)
+            if G_DT != ACC:  # g_hat in the gradient's dtype, as the eager path hands it to the update
+                g = g.to(G_DT).to(ACC)
         return g
 
     @triton.jit
@@ -454,8 +457,9 @@ class _Launch:
         self.write_back: list[tuple[Tensor, Tensor]] = []
         self.written: list[Tensor] = []  # written in place by the kernel: bump their autograd versions
 
-    def addresses(self, tensors: Sequence[Tensor | None], written: Sequence[bool]) -> list[int]:
-        """Addresses of elementwise-aligned tensors (``tensors[0]`` is the parameter; None -> 0).
+    def addresses(self, tensors: Sequence[Tensor | None], written: Sequence[bool], names: Sequence[str], index: int) -> list[int]:
+        """Addresses of elementwise-aligned tensors (``tensors[0]`` is the parameter ``index``;
+        None -> 0); ``names`` are the lists they come from, the history slots follow them.
 
         If every tensor shares the parameter's dense layout (contiguous, channels_last, a
         transpose ...) the kernel walks their storage directly; otherwise it works on
@@ -463,10 +467,11 @@ class _Launch:
         """
         p = tensors[0]
         present = [t for t in tensors if t is not None]
-        for t in present:
-            if t.device != p.device or t.shape != p.shape:
+        for k, t in enumerate(tensors):
+            if t is not None and (t.device != p.device or t.shape != p.shape):
+                name = names[k] if k < len(names) else f"history slot {k - len(names)} of parameter"
                 raise RuntimeError(
-                    f"{self.name}: every state and history tensor must have the parameter's device and shape "
+                    f"{self.name}: {name}[{index}] must have the parameter's device and shape "
                     f"({p.device}, {tuple(p.shape)}), got {t.device}, {tuple(t.shape)}"
                 )
         direct = _dense(p) and all(_same_layout(t, p) for t in present)
@@ -540,12 +545,16 @@ def _check(
     grads: Sequence[Tensor],
     histories: Sequence[Sequence[Tensor]],
     full: Sequence[bool],
-    **lists: Sequence[Any],
+    state: dict[str, Sequence[Tensor | None]],
+    state_steps: Sequence[Tensor] | None = None,
 ) -> torch.device:
-    """Validate the lists and return the device of the launch."""
+    """Validate the lists and return the device of the launch. With ``state_steps`` (Adam) every
+    state tensor must have its parameter's dtype, as in torch's Adam. Devices and shapes are
+    checked by :meth:`_Launch.addresses`, dtypes by :func:`_tl_dtype`; all before any write."""
     if triton is None:
         raise RuntimeError(f"{name}: triton is not installed (pip install triton)")
-    for what, values in dict(grads=grads, histories=histories, full=full, **lists).items():
+    steps = {} if state_steps is None else dict(state_steps=state_steps)
+    for what, values in dict(grads=grads, histories=histories, full=full, **state, **steps).items():
         if len(values) != len(params):
             raise RuntimeError(f"{name}: {len(params)} params but {len(values)} {what}")
     device = params[0].device
@@ -562,9 +571,17 @@ def _check(
         n = len(slots)
         if n < 2 or n & (n - 1) or any(s.dtype != slots[-1].dtype for s in slots):
             raise RuntimeError(f"{name}: each history must be a power-of-two number (>= 2) of slots of one dtype")
+    if state_steps is not None:
+        check_state_dtypes(name, params, state)
+        check_steps(name, state_steps)
     if not triton_available(device):
         mode = "TRITON_INTERPRET=1 (the interpreter runs CPU tensors only)" if _interpreted() else "compiled (CUDA only)"
         raise RuntimeError(f"{name}: the Triton kernels cannot run on {device} in this process: {mode}")
+    newest = [h[-1] for h in histories]
+    older = [s for h in histories for s in h[:-1]]
+    # Steps on another device are read through a copy; those here are written in place.
+    here = [step if step.device == device else None for step in state_steps or ()]
+    check_memory(name, dict(params=params, **state, state_steps=here, newest_history_slots=newest), dict(grads=grads, older_history_slots=older))
     return device
 
 
@@ -627,30 +644,31 @@ def fused_wave_adam_(
     maximize: bool,
     decoupled_weight_decay: bool,
     grad_scale: Tensor | None = None,
+    strict: bool = False,
 ) -> None:
     """WaveAdam's whole step in one launch per group: record, filter, Adam (module docstring).
 
     ``histories[i]`` are the slots of ``params[i]`` oldest first, the ring already advanced:
     the gradient is written into ``histories[i][-1]``; ``full[i]`` selects the filter over
     the warm-up's raw gradient. ``state_steps`` are incremented here, as in torch's fused Adam.
+    ``strict`` (``fused=True``) is accepted for the CPU step's signature: this step never falls back.
     """
     if not params:
         return
     name = "fused_wave_adam_"
-    lists: dict[str, Sequence[Any]] = dict(exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs, state_steps=state_steps)
+    state: dict[str, Sequence[Tensor]] = dict(exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs)
     if amsgrad:
-        lists["max_exp_avg_sqs"] = max_exp_avg_sqs
-    device = _check(name, params, grads, histories, full, **lists)
-    torch._foreach_add_(state_steps, 1)
+        state["max_exp_avg_sqs"] = max_exp_avg_sqs
+    device = _check(name, params, grads, histories, full, state, state_steps)
     hyper = _hyper([lr, beta1, beta2, eps, weight_decay], device)
     scale = _scale(grad_scale, device)
 
-    steps = _steps_on(state_steps, device)
     launches: dict[tuple[Any, ...], _Launch] = {}
+    step_rows: list[tuple[list[int], int]] = []  # (table row, parameter): step addresses, filled in below
     for i, p in enumerate(params):
         slots = histories[i]
         max_exp_avg_sq = max_exp_avg_sqs[i] if amsgrad else None
-        step = steps[i]
+        step = state_steps[i]
         key = (
             len(slots),
             bool(full[i]),
@@ -667,9 +685,17 @@ def fused_wave_adam_(
         addresses = launch.addresses(
             [p, grads[i], exp_avgs[i], exp_avg_sqs[i], max_exp_avg_sq, *slots],
             [True, False, True, True, True, *([False] * (n - 1)), True],
+            ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"),
+            i,
         )
-        launch.keep.append(step)
-        launch.add_row(p.numel(), [*addresses[:5], step.data_ptr(), *addresses[5:]])
+        launch.add_row(p.numel(), [*addresses[:5], 0, *addresses[5:]])
+        step_rows.append((launch.rows[-1], i))
+
+    # Everything is validated: only now count the step (torch's fused Adam increments it too).
+    torch._foreach_add_(state_steps, 1)
+    steps = _steps_on(state_steps, device)
+    for row, i in step_rows:
+        row[_ADAM_FIXED - 1] = steps[i].data_ptr()
 
     for key, launch in launches.items():
         n, is_full, p_dt, g_dt, m_dt, v_dt, vmax_dt, step_dt, s_dt, acc = key
@@ -712,6 +738,7 @@ def fused_wave_sgd_(
     nesterov: bool,
     maximize: bool,
     grad_scale: Tensor | None = None,
+    strict: bool = False,
 ) -> None:
     """WaveSGD's whole step in one launch per group: record, filter, SGD.
 
@@ -724,18 +751,19 @@ def fused_wave_sgd_(
     has_momentum = _nonzero(momentum)
     # torch's SGD._init_group collects no buffers at all when momentum is 0.
     buffers = dict(momentum_buffers=momentum_buffers) if has_momentum else {}
-    device = _check(name, params, grads, histories, full, **buffers)
+    device = _check(name, params, grads, histories, full, buffers)
     hyper = _hyper([lr, momentum, dampening, weight_decay], device)
     scale = _scale(grad_scale, device)
 
     launches: dict[tuple[Any, ...], _Launch] = {}
+    created: dict[int, Tensor] = {}  # put into momentum_buffers once every row is validated
     for i, p in enumerate(params):
         slots = histories[i]
         buf, first = None, False
         if has_momentum:
             buf = momentum_buffers[i]
             if buf is None:
-                buf = momentum_buffers[i] = torch.empty_like(p, memory_format=torch.preserve_format)
+                buf = created[i] = torch.empty_like(p, memory_format=torch.preserve_format)
                 first = True
         key = (
             len(slots),
@@ -748,8 +776,12 @@ def fused_wave_sgd_(
         if launch is None:
             launch = launches[key] = _Launch(name, device)
         n = len(slots)
-        addresses = launch.addresses([p, grads[i], buf, *slots], [True, False, True, *([False] * (n - 1)), True])
+        addresses = launch.addresses(
+            [p, grads[i], buf, *slots], [True, False, True, *([False] * (n - 1)), True], ("params", "grads", "momentum_buffers"), i
+        )
         launch.add_row(p.numel(), addresses)
+    for i, buf in created.items():
+        momentum_buffers[i] = buf
 
     for key, launch in launches.items():
         n, is_full, p_dt, g_dt, buf_dt, s_dt, acc, first = key

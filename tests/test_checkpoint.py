@@ -174,12 +174,19 @@ def _corrupt(sd, how):
         sd["param_groups"][0]["buffer_size"] = 8
     elif how == "invalid-option":
         sd["param_groups"][0]["decay"] = 1.5
+    elif how == "meta-slot":  # passed validation, then failed after torch's part was loaded
+        state["wave_history_1"] = state["wave_history_1"].to("meta")
+    elif how == "float8-slot":  # buffer_dtype allows float16, bfloat16, float32, float64 only
+        state["wave_history_1"] = state["wave_history_1"].to(torch.float8_e4m3fn)
+    elif how == "int-slot":
+        state["wave_history_1"] = state["wave_history_1"].to(torch.int32)
     return sd
 
 
-@pytest.mark.parametrize(
-    "how", ["missing-slot", "extra-slot", "wrong-shape", "missing-count", "negative-count", "buffer-size-mismatch", "invalid-option"]
-)
+MALFORMED = ["missing-slot", "extra-slot", "wrong-shape", "missing-count", "negative-count", "buffer-size-mismatch", "invalid-option"]
+
+
+@pytest.mark.parametrize("how", [*MALFORMED, "meta-slot", "float8-slot", "int-slot"])
 def test_malformed_checkpoint_is_refused_before_any_change(how):
     params = make_params()
     opt = WaveAdam(params, lr=0.01, buffer_size=4)
@@ -209,3 +216,93 @@ def test_load_does_not_mutate_the_given_state_dict():
     keys = {pid: set(s) for pid, s in sd["state"].items()}
     WaveAdam(make_params(), lr=0.01, buffer_size=4).load_state_dict(sd)
     assert {pid: set(s) for pid, s in sd["state"].items()} == keys
+
+
+def _assert_state_dict_equal(after, before):
+    assert after["param_groups"] == before["param_groups"]
+    assert after["state"].keys() == before["state"].keys()
+    for pid, st in before["state"].items():
+        assert after["state"][pid].keys() == st.keys()
+        for k, v in st.items():
+            assert torch.equal(torch.as_tensor(after["state"][pid][k]), torch.as_tensor(v)), (pid, k)
+
+
+@pytest.mark.parametrize("how", ["meta-slot", "float8-slot", "wrong-shape"])
+def test_wave_guard_refuses_a_malformed_checkpoint_before_any_change(how):
+    """The load hooks of wave_guard validate (and place) the history before torch's load runs."""
+    from waveguard_optim import wave_guard
+
+    params = make_params()
+    opt = torch.optim.Adam(params, lr=0.01)
+    wave_guard(opt, buffer_size=4)
+    train(params, opt, 6)
+    bad = _corrupt(save_load(opt.state_dict()), how)
+    target_params = make_params()
+    target = torch.optim.Adam(target_params, lr=0.02)
+    wave_guard(target, buffer_size=4)
+    train(target_params, target, 2)
+    before = copy.deepcopy(target.state_dict())
+    with pytest.raises(ValueError, match="parameter 1"):
+        target.load_state_dict(bad)
+    _assert_state_dict_equal(target.state_dict(), before)
+
+
+def test_a_failure_while_placing_the_history_leaves_the_optimizer_as_it_was(monkeypatch):
+    """The history is moved to the parameters' devices before torch's part is loaded, so that
+    an error there (a device out of memory, simulated on the third slot) changes nothing."""
+    from waveguard_optim import history
+
+    params = make_params()
+    opt = WaveAdam(params, lr=0.01, buffer_size=4)
+    train(params, opt, 6)
+    saved = save_load(opt.state_dict())
+    target_params = make_params()
+    target = WaveAdam(target_params, lr=0.02, buffer_size=4)
+    train(target_params, target, 2)
+    before = copy.deepcopy(target.state_dict())
+    calls = []
+    real = history.overlaps_itself
+
+    def out_of_memory(t):
+        calls.append(1)
+        if len(calls) == 3:
+            raise torch.OutOfMemoryError("simulated: out of memory while moving the history")
+        return real(t)
+
+    monkeypatch.setattr(history, "overlaps_itself", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):
+        target.load_state_dict(saved)
+    _assert_state_dict_equal(target.state_dict(), before)
+
+
+@pytest.mark.parametrize("share", ["expanded", "one tensor for two slots"])
+def test_a_history_slot_without_memory_of_its_own_is_loaded_as_a_copy(share):
+    """A stride-0 (expanded) slot, or two slots that are one tensor, would make every fused step
+    refuse (the kernels write slots in place): they are loaded as dense copies of their values,
+    and training goes on exactly as from a checkpoint holding those values densely."""
+    params = contiguous_params()
+    opt = WaveAdam(params, lr=0.01, buffer_size=4, fused=True)
+    train(params, opt, 6)
+    saved = save_load(opt.state_dict())
+    state = saved["state"][1]
+    if share == "expanded":
+        state["wave_history_2"] = torch.full((1,), 0.25).expand(state["wave_history_2"].shape)
+    else:
+        state["wave_history_2"] = state["wave_history_0"]
+    dense = {**saved, "state": {**saved["state"], 1: {k: v.clone() if torch.is_tensor(v) else v for k, v in state.items()}}}
+
+    runs = []
+    stored = save_load(saved)["state"][1]  # torch.save keeps the stride 0, and the sharing
+    if share == "expanded":
+        assert stored["wave_history_2"].stride() == (0,)
+    else:
+        assert stored["wave_history_2"].data_ptr() == stored["wave_history_0"].data_ptr()
+    for checkpoint in (saved, dense):
+        resumed = [torch.nn.Parameter(p.detach().clone()) for p in params]
+        opt2 = WaveAdam(resumed, lr=0.01, buffer_size=4, fused=True)
+        opt2.load_state_dict(save_load(checkpoint))  # torch's load keeps references: a copy per run
+        slots = [opt2.state[resumed[1]][f"wave_history_{i}"] for i in range(4)]
+        assert all(s.is_contiguous() for s in slots) and len({s.data_ptr() for s in slots}) == 4
+        runs.append(train(resumed, opt2, 5, seed=3))
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

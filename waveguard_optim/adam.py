@@ -104,7 +104,7 @@ class WaveAdam(WaveGuardMixin, torch.optim.Adam):
             if kernels is not None:
                 self._fused_step(group, params, lambda histories, full: kernels.fused_wave_adam_(
                     params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, histories, full,
-                    **self._wave_args(group), **update,
+                    **self._wave_args(group), **update, strict=bool(group["fused"]),
                 ))  # fmt: skip
                 continue
             adam_functional(

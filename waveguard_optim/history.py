@@ -14,7 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .options import check_wave_options
+from .kernels._checks import byte_span, overlaps_itself
+from .options import _BUFFER_DTYPES, check_wave_options
 
 COUNT_KEY = "wave_count"
 _SLOT_PREFIX = "wave_history_"
@@ -81,12 +82,26 @@ def time_ordered(state: Mapping[str, Any], buffer_size: int) -> list[Tensor]:
     return [state[k] for k in keys[count:] + keys[:count]]
 
 
+def _count(value: Any) -> int | None:
+    """A checkpoint's ``wave_count`` as the state holds it (an int), from an int or a 0-dim
+    integer tensor; None when it is neither, or negative."""
+    if isinstance(value, Tensor) and value.dim() == 0 and value.device.type != "meta":
+        if not (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool):
+            value = int(value)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def _slot_dtype_ok(slot: Tensor, p: Tensor) -> bool:
+    """A ``buffer_dtype`` the kernels can load (float8 and integers cannot); a complex parameter's
+    history is complex, its real part of such a dtype."""
+    if slot.is_complex() != p.is_complex():
+        return False
+    return (slot.dtype.to_real() if slot.is_complex() else slot.dtype) in _BUFFER_DTYPES
+
+
 def _history_problem(wave: Mapping[str, Any], p: Tensor, buffer_size: int) -> str | None:
-    count = wave.get(COUNT_KEY)
-    if isinstance(count, Tensor) and count.dim() == 0 and not count.is_floating_point():
-        count = int(count)
-    if not isinstance(count, int) or isinstance(count, bool) or count < 0:
-        return f"{COUNT_KEY} must be an int >= 0, got {count!r}"
+    if _count(wave.get(COUNT_KEY)) is None:
+        return f"{COUNT_KEY} must be an int >= 0, got {wave.get(COUNT_KEY)!r}"
     expected = {slot_key(i) for i in range(buffer_size)}
     found = set(wave) - {COUNT_KEY}
     if found != expected:
@@ -96,9 +111,28 @@ def _history_problem(wave: Mapping[str, Any], p: Tensor, buffer_size: int) -> st
         if not isinstance(slot, Tensor) or slot.shape != p.shape:
             shape = tuple(slot.shape) if isinstance(slot, Tensor) else type(slot).__name__
             return f"{key} has shape {shape}, the parameter has {tuple(p.shape)}"
-        if slot.is_complex() != p.is_complex() or not (slot.is_floating_point() or slot.is_complex()):
-            return f"{key} has dtype {slot.dtype}, which cannot hold gradients of a {p.dtype} parameter"
+        if not _slot_dtype_ok(slot, p):
+            return f"{key} has dtype {slot.dtype}, which cannot hold gradients of a {p.dtype} parameter (buffer_dtype allows float16, bfloat16, float32, float64)"
+        if slot.device.type == "meta" or slot.is_sparse:
+            return f"{key} is a {'sparse' if slot.is_sparse else 'meta'} tensor, not the values of a history"
     return None
+
+
+def _placed(wave_state: Mapping[Tensor, Mapping[str, Any]]) -> dict[Tensor, dict[str, Any]]:
+    """The validated wave state as the optimizer will hold it: counts as ints, slots on their
+    parameter's device, each in memory of its own (the kernels write slots in place: a slot that
+    overlaps itself, e.g. an expanded one, or another slot is copied). Made before anything
+    changes, so a failing move (out of memory) leaves the optimizer as it was."""
+    out = {p: {k: _count(v) if k == COUNT_KEY else v.to(device=p.device) for k, v in wave.items()} for p, wave in wave_state.items()}
+    slots = [(p, k) for p, wave in out.items() for k in wave if k != COUNT_KEY]
+    spans = sorted((byte_span(out[p][k]), n) for n, (p, k) in enumerate(slots) if out[p][k].numel())
+    reach = 0
+    for (start, end), n in spans:  # by address: a slot starting below an earlier one's end overlaps it
+        p, k = slots[n]
+        if start < reach or overlaps_itself(out[p][k]):
+            out[p][k] = out[p][k].clone(memory_format=torch.contiguous_format)
+        reach = max(reach, end)
+    return out
 
 
 def split_checkpoint(
@@ -107,9 +141,9 @@ def split_checkpoint(
     """Validate a checkpoint's WaveGuard part and take it out of the torch part.
 
     Returns the state dict torch should load (wave keys removed, missing wave options
-    filled from the current groups) and the wave state per parameter, to put back after
-    torch's load (whose casts would change its dtype). Raises ``ValueError`` naming the
-    parameter before anything is changed. Mismatched group layouts are passed through
+    filled from the current groups) and the wave state per parameter, already on the
+    parameters' devices (see ``_placed``), to put back after torch's load (whose casts would
+    change its dtype). Raises ``ValueError`` naming the parameter before anything is changed. Mismatched group layouts are passed through
     for torch's own ``load_state_dict`` to refuse.
     """
     saved_groups = state_dict["param_groups"]
@@ -143,11 +177,10 @@ def split_checkpoint(
                 )
             wave_state[p] = wave
         state[pid] = {k: v for k, v in p_state.items() if not is_wave_key(k)}
-    return {**state_dict, "state": state, "param_groups": groups}, wave_state
+    return {**state_dict, "state": state, "param_groups": groups}, _placed(wave_state)
 
 
 def restore_history(state: Mapping[Tensor, dict[str, Any]], wave_state: Mapping[Tensor, Mapping[str, Any]]) -> None:
-    """Put validated wave state back after torch's load: same dtype, the parameter's device."""
+    """Put the wave state from ``split_checkpoint`` (validated and placed) back after torch's load."""
     for p, wave in wave_state.items():
-        for key, value in wave.items():
-            state[p][key] = int(value) if key == COUNT_KEY else value.to(device=p.device)
+        state[p].update(wave)

@@ -84,7 +84,7 @@ class WaveSGD(WaveGuardMixin, torch.optim.SGD):
             )
             if kernels is not None:
                 self._fused_step(group, params, lambda histories, full: kernels.fused_wave_sgd_(
-                    params, grads, momentum_buffers, histories, full, **self._wave_args(group), **update
+                    params, grads, momentum_buffers, histories, full, **self._wave_args(group), **update, strict=bool(group["fused"])
                 ))  # fmt: skip
             else:
                 sgd_functional(
