@@ -58,13 +58,13 @@ def _local(t: Tensor) -> Tensor:
 
 
 def _param_sums(state: dict[str, Any], p: Tensor, group: dict[str, Any]) -> Tensor:
-    n = group["buffer_size"]
+    n, count = group["buffer_size"], int(state[COUNT_KEY])
     dtype = compute_dtype(p.dtype)
-    slots = [[_to_compute(_local(b), dtype)] for b in time_ordered(state, n)]
+    slots = [[_to_compute(_local(b), dtype)] for b in time_ordered(state, n, count)]
     (g,) = slots[-1]
     zero = g.new_zeros((), dtype=torch.float64)
     elements = float(g.numel())
-    if state[COUNT_KEY] < n:  # warm-up: the optimizer used g itself
+    if count < n:  # warm-up: the optimizer used g itself
         return torch.stack([zero + elements, zero, zero, zero, zero, zero, zero, g.square().sum(dtype=torch.float64)])
 
     (g_hat,) = fold_filter(slots, **filter_options(group))
