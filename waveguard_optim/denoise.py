@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._compat import marked_static_by_dynamo
 from .filter import compute_dtype, fold_filter
 from .history import COUNT_KEY, advance, check_ring_size, start_history, time_ordered
 from .options import resolve_buffer_dtype
@@ -69,7 +70,10 @@ def claim_histories(
         if COUNT_KEY not in s:
             start_history(s, p, buffer_size, dtype)
     before = advance(states)
-    return [time_ordered(s, buffer_size, c + 1) for s, c in zip(states, before)], [c + 1 >= buffer_size for c in before]
+    histories = [time_ordered(s, buffer_size, c + 1) for s, c in zip(states, before)]
+    if histories and marked_static_by_dynamo(histories[0][0]):  # under torch.compile: no guard on which slot is where
+        histories = [[b.view_as(b) for b in h] for h in histories]
+    return histories, [c + 1 >= buffer_size for c in before]
 
 
 def record_and_filter(
