@@ -111,10 +111,14 @@ def _summary(sums: list[float], buffer_size: int) -> dict[str, float]:
 def wave_stats(optimizer: torch.optim.Optimizer) -> list[dict[str, float]]:
     """Summaries of the filter's last step, one dict per param group (see the module docstring).
 
-    Works for WaveAdam, WaveSGD and any optimizer wrapped by :func:`waveguard_optim.wave_guard`.
-    Costs one filter evaluation per parameter and one device sync per group and device;
-    nothing is computed unless this is called.
+    Works for WaveAdam, WaveSGD and any optimizer wrapped by :func:`waveguard_optim.wave_guard`,
+    also behind the wrappers that frameworks hand out (accelerate's ``AcceleratedOptimizer``,
+    Lightning's ``LightningOptimizer``, a :class:`WaveGuardHandle`): whatever holds the optimizer
+    as ``.optimizer`` is unwrapped. Costs one filter evaluation per parameter and one device sync
+    per group and device; nothing is computed unless this is called.
     """
+    while (inner := getattr(optimizer, "optimizer", None)) is not None and inner is not optimizer:
+        optimizer = inner
     result = []
     for index, group in enumerate(optimizer.param_groups):
         if "buffer_size" not in group:
