@@ -4,8 +4,8 @@ Each parameter owns ``buffer_size`` parameter-shaped slots, ``wave_history_0`` .
 written as a ring (the k-th recorded gradient goes to slot ``k mod N``; nothing is
 rolled), and ``wave_count``, a 0-dim int64 CPU tensor like torch's ``step``: that is what
 ``torch.distributed.checkpoint`` restores in place (it does not restore a Python int
-there). Reading it needs no device sync; a step reads the counts of a group with one
-``tolist()`` and advances them with one foreach add. torch's ``load_state_dict`` would cast
+there). Reading it needs no device sync; a step advances the counts of a group with one
+foreach add. torch's ``load_state_dict`` would cast
 it to the parameter's dtype (bf16 cannot count past 256), so the wave keys are split off
 before torch's load and put back after it.
 """
