@@ -303,3 +303,31 @@ def test_fsdp2_dcp_resume_is_bit_identical(tmp_path):
         for kind, pairs in torch.load(tmp_path / f"fsdp_dcp_rank{rank}.pt").items():
             for straight, resumed in pairs:
                 assert torch.equal(straight, resumed), (rank, kind)
+
+
+# -- ZeroRedundancyOptimizer -----------------------------------------------------------------
+
+
+def _zero_worker(rank: int, out_dir: str) -> None:
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    _init(rank, out_dir)
+    try:
+        model = torch.nn.parallel.DistributedDataParallel(_model())
+        opt = ZeroRedundancyOptimizer(
+            model.parameters(), optimizer_class=WaveAdam, lr=LR, weight_decay=0.1, decoupled_weight_decay=True,
+            foreach=False, **WAVE,
+        )  # fmt: skip
+        _steps(model, opt, 0, STEPS, rank)
+        torch.save([p.detach().clone() for p in model.parameters()], os.path.join(out_dir, f"zero_rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_zero_redundancy_optimizer_with_waveadam_matches_single_process(tmp_path):
+    """Each rank steps WaveAdam on its shard of the parameters, then ZeRO broadcasts them."""
+    _spawn(_zero_worker, str(tmp_path))
+    expected = single_process(foreach=False)
+    for rank in range(WORLD):
+        for got, want in zip(torch.load(tmp_path / f"zero_rank{rank}.pt"), expected, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
