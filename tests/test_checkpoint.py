@@ -102,7 +102,8 @@ def test_history_dtype_and_large_count_survive_loading_into_bf16_params():
     fresh.load_state_dict(saved)
     for p_old, p_new in zip(opt.param_groups[0]["params"], fresh.param_groups[0]["params"]):
         old, new = opt.state[p_old], fresh.state[p_new]
-        assert new["wave_count"] == 300 and isinstance(new["wave_count"], int)
+        count = new["wave_count"]  # a 0-dim int64 CPU tensor, not cast to bf16 (which cannot hold 300)
+        assert (count.dtype, count.shape, count.device.type, count.item()) == (torch.int64, (), "cpu", 300)
         for i in range(4):
             assert new[f"wave_history_{i}"].dtype == torch.float32
             torch.testing.assert_close(new[f"wave_history_{i}"], old[f"wave_history_{i}"], rtol=0, atol=0)
@@ -206,6 +207,46 @@ def test_malformed_checkpoint_is_refused_before_any_change(how):
         assert after["state"][pid].keys() == st.keys()
         for k, v in st.items():
             assert torch.equal(torch.as_tensor(after["state"][pid][k]), torch.as_tensor(v))
+
+
+def test_older_checkpoint_with_int_count_and_dtype_option_resumes_bit_for_bit():
+    """Checkpoints written before wave_count was a tensor and buffer_dtype a name (SPEC section 6)."""
+    make = lambda ps: WaveAdam(ps, lr=0.01, buffer_size=4, buffer_dtype=torch.float64)  # noqa: E731
+    params = contiguous_params()
+    opt = make(params)
+    train(params, opt, 6)
+    old = copy.deepcopy(opt.state_dict())
+    old["param_groups"][0]["buffer_dtype"] = torch.float64
+    for st in old["state"].values():
+        st["wave_count"] = int(st["wave_count"])
+    resumed = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt2 = make(resumed)
+    opt2.load_state_dict(save_load(old))
+    assert opt2.param_groups[0]["buffer_dtype"] == "float64"
+    assert all(opt2.state[p]["wave_count"].dtype == torch.int64 for p in resumed)
+    from conftest import gradient
+
+    for step in range(6, 11):
+        for i, (p, q) in enumerate(zip(params, resumed)):
+            p.grad, q.grad = gradient(p, step, seed=i), gradient(q, step, seed=i)
+        opt.step()
+        opt2.step()
+    for a, b in zip(resumed, params):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_loaded_count_is_not_shared_with_the_checkpoint():
+    """Steps advance wave_count in place: two optimizers loaded from one dict must not share it."""
+    params = make_params()
+    opt = WaveAdam(params, lr=0.01, buffer_size=4)
+    train(params, opt, 3)
+    sd = save_load(opt.state_dict())
+    a, b = WaveAdam(make_params(), lr=0.01, buffer_size=4), WaveAdam(make_params(), lr=0.01, buffer_size=4)
+    a.load_state_dict(sd)
+    b.load_state_dict(sd)
+    train(a.param_groups[0]["params"], a, 2)
+    assert [int(b.state[p]["wave_count"]) for p in b.param_groups[0]["params"]] == [3] * 4
+    assert [int(s["wave_count"]) for s in sd["state"].values()] == [3] * 4
 
 
 def test_load_does_not_mutate_the_given_state_dict():

@@ -187,3 +187,147 @@ def test_fsdp2_sharded_history_matches_unsharded(tmp_path):
         expected = single_process(foreach=key[1])
         for got, want in zip(params, expected):
             torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+
+
+# -- torch.distributed.checkpoint ------------------------------------------------------------
+# Resuming through every DCP route must follow the uninterrupted run bit for bit: the history,
+# its dtype (a non-default buffer_dtype, kept by name in the param groups) and wave_count.
+
+DCP_WAVE = dict(WAVE, buffer_dtype=torch.float64)
+SAVE_AT = 6
+
+
+def _dcp_optimizer(kind: str, params):
+    if kind == "waveadam":
+        return WaveAdam(params, lr=LR, weight_decay=0.1, decoupled_weight_decay=True, **DCP_WAVE)
+    opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.1)
+    wave_guard(opt, **DCP_WAVE)
+    return opt
+
+
+def _steps(model, opt, start, stop, rank=0):
+    for step in range(start, stop):
+        opt.zero_grad()
+        _loss(model, step, rank).backward()
+        opt.step()
+
+
+def _dcp_save(route: str, model, opt, path: str) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    if route == "raw":
+        optim = opt.state_dict()
+    else:
+        options = StateDictOptions(full_state_dict=route.startswith("full"), cpu_offload=route.endswith("offload"))
+        optim = get_optimizer_state_dict(model, opt, options=options)
+    dcp.save({"model": get_model_state_dict(model), "optim": optim}, checkpoint_id=path)
+
+
+def _dcp_load(route: str, model, opt, path: str) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict,
+    )  # fmt: skip
+
+    options = StateDictOptions(full_state_dict=route.startswith("full"), cpu_offload=route.endswith("offload"))
+    optim = opt.state_dict() if route == "raw" else get_optimizer_state_dict(model, opt, options=options)
+    state = {"model": get_model_state_dict(model), "optim": optim}
+    dcp.load(state, checkpoint_id=path)  # in place into the tensors of `state`
+    set_model_state_dict(model, state["model"])
+    if route == "raw":
+        opt.load_state_dict(state["optim"])
+    else:
+        set_optimizer_state_dict(model, opt, state["optim"], options=options)
+
+
+@pytest.mark.parametrize("route", ["raw", "full", "full-cpu_offload", "sharded"])
+@pytest.mark.parametrize("kind", ["waveadam", "wrapped"])
+def test_dcp_resume_is_bit_identical(tmp_path, kind, route):
+    """One process: the raw state_dict() and get_optimizer_state_dict (full, offloaded, sharded)."""
+    model = _model()
+    opt = _dcp_optimizer(kind, model.parameters())
+    _steps(model, opt, 0, SAVE_AT)
+    _dcp_save(route, model, opt, str(tmp_path / "ckpt"))
+    _steps(model, opt, SAVE_AT, STEPS)
+
+    resumed = _model()
+    resumed_opt = _dcp_optimizer(kind, resumed.parameters())
+    if route == "raw":  # dcp.load fills existing tensors: give the optimizer state, with other values
+        _steps(resumed, resumed_opt, 100, 103)
+    _dcp_load(route, resumed, resumed_opt, str(tmp_path / "ckpt"))
+    assert all(int(resumed_opt.state[p]["wave_count"]) == SAVE_AT for p in resumed.parameters())
+    assert resumed_opt.state[next(resumed.parameters())]["wave_history_0"].dtype == torch.float64
+    _steps(resumed, resumed_opt, SAVE_AT, STEPS)
+    for a, b in zip(resumed.parameters(), model.parameters()):
+        assert torch.equal(a, b)
+
+
+def _fsdp_dcp_worker(rank: int, out_dir: str) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    fully_shard = _fully_shard()
+    _init(rank, out_dir)
+    try:
+        mesh = init_device_mesh("cpu", (WORLD,))
+
+        def sharded(kind):
+            model = _model()
+            for layer in (model[0], model[2], model):
+                fully_shard(layer, mesh=mesh)
+            return model, _dcp_optimizer(kind, model.parameters())
+
+        results = {}
+        for kind in ("waveadam", "wrapped"):
+            path = os.path.join(out_dir, f"ckpt_{kind}")
+            model, opt = sharded(kind)
+            _steps(model, opt, 0, SAVE_AT, rank)
+            _dcp_save("sharded", model, opt, path)
+            _steps(model, opt, SAVE_AT, STEPS, rank)
+            resumed, resumed_opt = sharded(kind)
+            _dcp_load("sharded", resumed, resumed_opt, path)
+            _steps(resumed, resumed_opt, SAVE_AT, STEPS, rank)
+            results[kind] = [
+                (p.full_tensor().detach().clone(), q.full_tensor().detach().clone())
+                for p, q in zip(model.parameters(), resumed.parameters())
+            ]
+        torch.save(results, os.path.join(out_dir, f"fsdp_dcp_rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(_fully_shard() is None, reason="torch.distributed.fsdp.fully_shard (FSDP2) is not available")
+def test_fsdp2_dcp_resume_is_bit_identical(tmp_path):
+    _spawn(_fsdp_dcp_worker, str(tmp_path))
+    for rank in range(WORLD):
+        for kind, pairs in torch.load(tmp_path / f"fsdp_dcp_rank{rank}.pt").items():
+            for straight, resumed in pairs:
+                assert torch.equal(straight, resumed), (rank, kind)
+
+
+# -- ZeroRedundancyOptimizer -----------------------------------------------------------------
+
+
+def _zero_worker(rank: int, out_dir: str) -> None:
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    _init(rank, out_dir)
+    try:
+        model = torch.nn.parallel.DistributedDataParallel(_model())
+        opt = ZeroRedundancyOptimizer(
+            model.parameters(), optimizer_class=WaveAdam, lr=LR, weight_decay=0.1, decoupled_weight_decay=True,
+            foreach=False, **WAVE,
+        )  # fmt: skip
+        _steps(model, opt, 0, STEPS, rank)
+        torch.save([p.detach().clone() for p in model.parameters()], os.path.join(out_dir, f"zero_rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_zero_redundancy_optimizer_with_waveadam_matches_single_process(tmp_path):
+    """Each rank steps WaveAdam on its shard of the parameters, then ZeRO broadcasts them."""
+    _spawn(_zero_worker, str(tmp_path))
+    expected = single_process(foreach=False)
+    for rank in range(WORLD):
+        for got, want in zip(torch.load(tmp_path / f"zero_rank{rank}.pt"), expected, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)

@@ -21,7 +21,8 @@ INVALID_WAVE = [
     ("snr_gate", "yes"),
     ("buffer_dtype", torch.int8),
     ("buffer_dtype", torch.complex64),
-    ("buffer_dtype", "bfloat16"),
+    ("buffer_dtype", "bf16"),
+    ("buffer_dtype", "int8"),
     ("buffer_dtype", torch.float8_e4m3fn),  # no path stores float8
 ]
 
@@ -105,3 +106,17 @@ def test_failed_fused_step_leaves_the_wave_state_untouched(monkeypatch):
         opt.step()
     assert opt.state[p]["wave_count"] == 1 and torch.equal(opt.state[p]["wave_history_0"], history)
     assert "wave_history_1" in opt.state[p] and not opt.state[p]["wave_history_1"].any()
+
+
+@pytest.mark.parametrize("given", [torch.bfloat16, "bfloat16"])
+def test_buffer_dtype_is_kept_by_name(given):
+    """Param groups hold the name: DCP refuses a torch.dtype there (SPEC section 6); both forms work."""
+    p, q = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(3))
+    opt = WaveAdam([p], buffer_dtype=given)
+    opt.add_param_group({"params": [q], "buffer_dtype": torch.float64})
+    assert opt.defaults["buffer_dtype"] == opt.param_groups[0]["buffer_dtype"] == "bfloat16"
+    assert opt.param_groups[1]["buffer_dtype"] == "float64"
+    p.grad, q.grad = torch.ones(2), torch.ones(3)
+    opt.step()
+    assert opt.state[p]["wave_history_0"].dtype == torch.bfloat16
+    assert opt.state[q]["wave_history_0"].dtype == torch.float64

@@ -251,3 +251,17 @@ def test_wrapped_handle_and_method_agree_with_waveadam():
 def test_plain_optimizer_is_refused():
     with pytest.raises(ValueError, match="WaveGuard"):
         wave_stats(torch.optim.AdamW(noisy_params()))
+
+
+def test_wrappers_holding_the_optimizer_are_unwrapped():
+    """accelerate's AcceleratedOptimizer, Lightning's LightningOptimizer and the handle hold it as
+    ``.optimizer`` (tests/test_frameworks.py uses the real ones)."""
+
+    class Holder:
+        def __init__(self, optimizer):
+            self.optimizer = optimizer
+
+    params = noisy_params(torch.float32)
+    opt = WaveAdam(params, lr=1e-2)
+    step_noisy(opt, params, steps=12)
+    assert wave_stats(Holder(Holder(opt))) == wave_stats(opt)

@@ -235,22 +235,81 @@ def test_complex_parameters_match_waveadam():
     assert_same(train(params, wrapped(torch.optim.AdamW, params, **kwargs)), expected)
 
 
-def test_closure_is_refused_before_anything_is_recorded():
-    params = make_params()
-    opt = wrapped(torch.optim.AdamW, params, lr=0.1)
-    train(params, opt, steps=3)
-    saved = copy.deepcopy(opt.state_dict())
-    weights = [p.detach().clone() for p in params]
+def _model_and_batches(seed=0):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+    generator = torch.Generator().manual_seed(7)
+    return model, [(torch.randn(6, 5, generator=generator), torch.randn(6, 2, generator=generator)) for _ in range(10)]
+
+
+@pytest.mark.parametrize("how", ["positional", "keyword"])
+def test_closure_gradients_are_the_ones_filtered(how):
+    """step(closure): the closure runs first and the filter consumes the gradients it computed,
+    as WaveAdam does with loss.backward() called by hand before step()."""
+    model, batches = _model_and_batches()
+    opt = wrapped(torch.optim.AdamW, model.parameters(), dict(buffer_size=4), lr=0.05, weight_decay=0.1, foreach=True)
+    ref_model, _ = _model_and_batches()
+    ref = WaveAdam(ref_model.parameters(), lr=0.05, weight_decay=0.1, decoupled_weight_decay=True, buffer_size=4, foreach=True)
+    for x, y in batches:
+        def closure():
+            opt.zero_grad()
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            return loss
+
+        loss = opt.step(closure) if how == "positional" else opt.step(closure=closure)
+        ref.zero_grad()
+        ref_loss = torch.nn.functional.mse_loss(ref_model(x), y)
+        ref_loss.backward()
+        ref.step()
+        assert torch.equal(loss, ref_loss.detach())
+        for p, q in zip(model.parameters(), ref_model.parameters()):
+            assert torch.equal(p.grad, q.grad)  # the closure's gradient is left in p.grad
+    assert_same([p.detach() for p in model.parameters()], [q.detach() for q in ref_model.parameters()])
+    assert all(int(opt.state[p]["wave_count"]) == len(batches) for p in model.parameters())
+
+
+class _CallsClosureTwice(torch.optim.SGD):
+    @torch.no_grad()
+    def step(self, closure=None):
+        with torch.enable_grad():
+            closure()
+            closure()
+        return super().step()
+
+
+def test_optimizer_that_reruns_the_closure_is_refused():
+    model, [(x, y), *_] = _model_and_batches()
+    with pytest.raises(ValueError, match="LBFGS"):
+        wave_guard(torch.optim.LBFGS(model.parameters()))
+    opt = wrapped(_CallsClosureTwice, model.parameters(), lr=0.1)
 
     def closure():
-        return torch.zeros(())
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        return loss
 
-    with pytest.raises(RuntimeError, match="closure"):
+    with pytest.raises(RuntimeError, match="closure a second time"):
         opt.step(closure)
-    with pytest.raises(RuntimeError, match="closure"):
-        opt.step(closure=closure)
-    assert opt.state[params[0]]["wave_count"] == saved["state"][0]["wave_count"] == 3
-    assert_same([p.detach() for p in params], weights)
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "torch.save"])
+def test_copies_of_a_wrapped_optimizer_keep_filtering(how, tmp_path):
+    """torch drops hooks when pickling: the copy must still filter, exactly as the original."""
+    params = make_params()
+    opt = wrapped(torch.optim.AdamW, params, dict(buffer_size=4, buffer_dtype=torch.float64), lr=0.05)
+    train(params, opt, steps=6)
+    if how == "deepcopy":
+        clone = copy.deepcopy(opt)
+    else:
+        torch.save(opt, tmp_path / "opt.pt")
+        clone = torch.load(tmp_path / "opt.pt", weights_only=False)
+    clone_params = clone.param_groups[0]["params"]
+    assert clone_params[0] is not params[0] and clone.wave_stats() == opt.wave_stats()
+    assert_same(train(clone_params, clone, steps=8, start=6), train(params, opt, steps=8, start=6))
+    clone._wave_guard_handle.remove()  # the copy has a handle of its own
+    assert opt._wave_guard_handle.active
 
 
 def test_sparse_gradient_is_refused():
@@ -266,7 +325,7 @@ def test_options_live_in_groups_and_defaults():
     params = make_params()
     opt = torch.optim.AdamW(params[:1], lr=0.1)
     handle = wave_guard(opt, buffer_size=4, decay=0.5, threshold_scale=2.0, snr_gate=False, buffer_dtype=torch.float64)
-    wave = dict(buffer_size=4, decay=0.5, threshold_scale=2.0, snr_gate=False, buffer_dtype=torch.float64)
+    wave = dict(buffer_size=4, decay=0.5, threshold_scale=2.0, snr_gate=False, buffer_dtype="float64")  # a dtype is kept by name
     assert all(opt.defaults[k] == v for k, v in wave.items())
     opt.add_param_group({"params": params[1:]})
     for group in opt.state_dict()["param_groups"]:
@@ -368,7 +427,8 @@ def test_bf16_parameter_keeps_float32_history_and_big_count_through_load():
     fresh = wrapped(torch.optim.AdamW, [q], dict(buffer_size=4, buffer_dtype=torch.float32), lr=1e-3)
     fresh.load_state_dict(saved)
     state = fresh.state[q]
-    assert state["wave_count"] == 260 and isinstance(state["wave_count"], int)
+    count = state["wave_count"]  # a 0-dim int64 CPU tensor, not cast to bf16 (which cannot hold 260)
+    assert (count.dtype, count.shape, count.device.type, count.item()) == (torch.int64, (), "cpu", 260)
     for i in range(4):
         assert state[f"wave_history_{i}"].dtype == torch.float32
         assert torch.equal(state[f"wave_history_{i}"], saved["state"][0][f"wave_history_{i}"])

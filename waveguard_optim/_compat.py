@@ -15,7 +15,14 @@ def default_foreach(params: list[Tensor]) -> bool:
     return all(p.device.type in devices for p in params)
 
 
+def marked_static_by_dynamo(t: Tensor) -> bool:
+    """Whether torch.compile marked ``t`` a static input (it does so to all optimizer state when it
+    traces ``_init_group``): dynamo then guards on its identity wherever it is a graph input."""
+    return hasattr(t, "_dynamo_static_input_type")
+
+
 __all__ = [
+    "marked_static_by_dynamo",
     "adam_functional",
     "sgd_functional",
     "default_foreach",

@@ -12,9 +12,9 @@ from torch import Tensor
 
 from ._compat import default_foreach
 from .denoise import claim_histories, record_and_filter
-from .history import COUNT_KEY, restore_history, split_checkpoint, unclaim
+from .history import COUNT_KEY, as_count, restore_history, split_checkpoint, unclaim
 from .kernels import fused_backend, fused_by_default
-from .options import WAVE_DEFAULTS, check_wave_options, filter_options
+from .options import WAVE_DEFAULTS, buffer_dtype_name, check_wave_options, filter_options
 from .stats import wave_stats as _wave_stats
 
 # What the kernels take: a sharded parameter (FSDP2's DTensor) is its own tensor subclass.
@@ -30,8 +30,8 @@ class WaveGuardMixin(torch.optim.Optimizer):
 
     @staticmethod
     def _checked_wave_options(differentiable: bool, **options: Any) -> dict[str, Any]:
-        """The wave keywords, validated before torch's constructor creates any state."""
-        check_wave_options(options)
+        """The wave keywords, validated before torch's constructor creates any state, in stored form."""
+        options = check_wave_options(options)
         if differentiable:
             raise ValueError("Invalid differentiable: True (the gradient history is not differentiable)")
         return options
@@ -48,16 +48,20 @@ class WaveGuardMixin(torch.optim.Optimizer):
         for name in WAVE_DEFAULTS:
             if name in self.defaults:
                 param_group.setdefault(name, self.defaults[name])
-        check_wave_options({k: param_group[k] for k in WAVE_DEFAULTS if k in param_group})
+        param_group.update(check_wave_options({k: param_group[k] for k in WAVE_DEFAULTS if k in param_group}))
         super().add_param_group(param_group)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         for name, value in WAVE_DEFAULTS.items():
             self.defaults.setdefault(name, value)
-        for group in self.param_groups:
+        for options in (self.defaults, *self.param_groups):  # older pickles: a torch.dtype, an int count
             for name in WAVE_DEFAULTS:
-                group.setdefault(name, self.defaults[name])
+                options.setdefault(name, self.defaults[name])
+            options["buffer_dtype"] = buffer_dtype_name(options["buffer_dtype"])
+        for p_state in self.state.values():
+            if isinstance(p_state.get(COUNT_KEY), int):
+                p_state[COUNT_KEY] = as_count(p_state[COUNT_KEY])
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a WaveGuard or a plain torch checkpoint of the same optimizer family.
@@ -119,12 +123,12 @@ class WaveGuardMixin(torch.optim.Optimizer):
         cannot take (a dtype, a missing back end) before it writes anything; the claims are
         then undone, so a failed step leaves the wave state as it was."""
         states = [self.state[p] for p in params]
-        counts = [st.get(COUNT_KEY) for st in states]
+        had_history = [COUNT_KEY in st for st in states]
         histories, full = self._claim(group, params, states)
         try:
             run(histories, full)
         except Exception:
-            unclaim(states, counts, group["buffer_size"])
+            unclaim(states, had_history, group["buffer_size"])
             raise
 
     def _wave_args(self, group: dict[str, Any]) -> dict[str, Any]:

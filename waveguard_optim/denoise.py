@@ -14,8 +14,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._compat import marked_static_by_dynamo
 from .filter import compute_dtype, fold_filter
-from .history import check_ring_size, claim_slot, time_ordered
+from .history import COUNT_KEY, advance, check_ring_size, start_history, time_ordered
+from .options import resolve_buffer_dtype
 
 
 def _to_compute(t: Tensor, dtype: torch.dtype) -> Tensor:
@@ -49,18 +51,29 @@ def _multi_tensor_filter(params: list[Tensor], slots: list[list[Tensor]], option
     return out
 
 
+@torch.compiler.disable
 def claim_histories(
-    params: list[Tensor], states: list[dict[str, Any]], *, buffer_size: int, buffer_dtype: torch.dtype | None
+    params: list[Tensor], states: list[dict[str, Any]], *, buffer_size: int, buffer_dtype: str | torch.dtype | None
 ) -> tuple[list[list[Tensor]], list[bool]]:
     """Advance each parameter's ring by one gradient (creating it on the first).
 
     Returns, per parameter, its slots oldest first (the last one is where the current
     gradient must be written) and whether the history is full, i.e. the filter applies.
+    Never traced by torch.compile: what it returns depends on the counts only through which
+    tensors are where and the ``full`` flags, so a compiled step does not specialise on the
+    ring position.
     """
     for s in states:
         check_ring_size(s, buffer_size)
-    full = [claim_slot(s, p, buffer_size, buffer_dtype)[1] for s, p in zip(states, params)]
-    return [time_ordered(s, buffer_size) for s in states], full
+    dtype = resolve_buffer_dtype(buffer_dtype)
+    for s, p in zip(states, params):
+        if COUNT_KEY not in s:
+            start_history(s, p, buffer_size, dtype)
+    before = advance(states)
+    histories = [time_ordered(s, buffer_size, c + 1) for s, c in zip(states, before)]
+    if histories and marked_static_by_dynamo(histories[0][0]):  # under torch.compile: no guard on which slot is where
+        histories = [[b.view_as(b) for b in h] for h in histories]
+    return histories, [c + 1 >= buffer_size for c in before]
 
 
 def record_and_filter(

@@ -38,6 +38,7 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype in (torch.float64, torch.complex128) else torch.float32
 
 
+@torch.compiler.assume_constant_result  # torch.compile: constants of the trace, not a graph break
 def filter_weights(buffer_size: int, decay: float) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """``(w, u)`` as Python floats computed in float64: the recency weights and ``u = Haar(w)``."""
     w = recency_weights(buffer_size, decay)

@@ -2,8 +2,12 @@
 
 Each parameter owns ``buffer_size`` parameter-shaped slots, ``wave_history_0`` ...,
 written as a ring (the k-th recorded gradient goes to slot ``k mod N``; nothing is
-rolled), and ``wave_count``, a Python int: it survives torch's ``load_state_dict``
-casts untouched and picking a slot needs no device sync.
+rolled), and ``wave_count``, a 0-dim int64 CPU tensor like torch's ``step``: that is what
+``torch.distributed.checkpoint`` restores in place (it does not restore a Python int
+there). Reading it needs no device sync; a step advances the counts of a group with one
+foreach add. torch's ``load_state_dict`` would cast
+it to the parameter's dtype (bf16 cannot count past 256), so the wave keys are split off
+before torch's load and put back after it.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .kernels._checks import byte_span, overlaps_itself
-from .options import _BUFFER_DTYPES, check_wave_options
+from .options import BUFFER_DTYPES, check_wave_options
 
 COUNT_KEY = "wave_count"
 _SLOT_PREFIX = "wave_history_"
@@ -47,43 +51,53 @@ def check_ring_size(state: Mapping[str, Any], buffer_size: int) -> None:
     )
 
 
-def claim_slot(state: dict[str, Any], p: Tensor, buffer_size: int, buffer_dtype: torch.dtype | None) -> tuple[Tensor, bool]:
-    """The slot the current gradient goes to, and whether the history is then full.
-
-    Creates all slots (zeros, like ``p``) on the parameter's first gradient and counts
-    the gradient as recorded: the caller must write it into the returned slot.
-    """
-    if COUNT_KEY not in state:
-        dtype = p.dtype if p.is_complex() or buffer_dtype is None else buffer_dtype
-        for i in range(buffer_size):
-            state[slot_key(i)] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
-        state[COUNT_KEY] = 0
-    count = state[COUNT_KEY]
-    state[COUNT_KEY] = count + 1
-    return state[slot_key(count % buffer_size)], count + 1 >= buffer_size
+def start_history(state: dict[str, Any], p: Tensor, buffer_size: int, buffer_dtype: torch.dtype | None) -> None:
+    """All slots (zeros, like ``p``) and a count of 0, for a parameter's first gradient."""
+    dtype = p.dtype if p.is_complex() or buffer_dtype is None else buffer_dtype
+    for i in range(buffer_size):
+        state[slot_key(i)] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+    state[COUNT_KEY] = as_count(0)
 
 
-def unclaim(states: list[dict[str, Any]], counts: list[int | None], buffer_size: int) -> None:
-    """Undo the claims of one step, given each state's ``wave_count`` before it (None: it had no
-    history, which is then dropped). The claimed slots were not written yet."""
-    for state, count in zip(states, counts):
-        if count is not None:
-            state[COUNT_KEY] = count
+def as_count(value: int | Tensor) -> Tensor:
+    """A new ``wave_count`` tensor holding ``value`` (an int, as older checkpoints hold, or a tensor)."""
+    return torch.tensor(int(value), dtype=torch.int64)
+
+
+def advance(states: list[dict[str, Any]]) -> list[int]:
+    """Count one more gradient in each state (one foreach add); return the counts before it.
+
+    The counts are CPU tensors: ``item()`` syncs nothing, and costs less per count than stacking
+    them for one ``tolist()``."""
+    counts = [state[COUNT_KEY] for state in states]
+    before = [count.item() for count in counts]
+    if counts:
+        torch._foreach_add_(counts, 1)
+    return before
+
+
+def unclaim(states: list[dict[str, Any]], had_history: list[bool], buffer_size: int) -> None:
+    """Undo one step's claims (the claimed slots were not written yet): count one gradient less,
+    or drop a history that the step created."""
+    for state, had in zip(states, had_history):
+        if had:
+            state[COUNT_KEY].sub_(1)
         else:
             for key in _SLOT_KEYS[:buffer_size]:
                 del state[key]
             del state[COUNT_KEY]
 
 
-def time_ordered(state: Mapping[str, Any], buffer_size: int) -> list[Tensor]:
-    """The last ``buffer_size`` recorded gradients, oldest first (references, no copies)."""
-    count = state[COUNT_KEY] % buffer_size
+def time_ordered(state: Mapping[str, Any], buffer_size: int, count: int) -> list[Tensor]:
+    """The last ``buffer_size`` gradients of a history that has recorded ``count``, oldest first
+    (references, no copies)."""
+    start = count % buffer_size
     keys = _SLOT_KEYS[:buffer_size]
-    return [state[k] for k in keys[count:] + keys[:count]]
+    return [state[k] for k in keys[start:] + keys[:start]]
 
 
 def _count(value: Any) -> int | None:
-    """A checkpoint's ``wave_count`` as the state holds it (an int), from an int or a 0-dim
+    """A checkpoint's ``wave_count`` as an int, from an int (older checkpoints) or a 0-dim
     integer tensor; None when it is neither, or negative."""
     if isinstance(value, Tensor) and value.dim() == 0 and value.device.type != "meta":
         if not (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool):
@@ -96,7 +110,7 @@ def _slot_dtype_ok(slot: Tensor, p: Tensor) -> bool:
     history is complex, its real part of such a dtype."""
     if slot.is_complex() != p.is_complex():
         return False
-    return (slot.dtype.to_real() if slot.is_complex() else slot.dtype) in _BUFFER_DTYPES
+    return (slot.dtype.to_real() if slot.is_complex() else slot.dtype) in BUFFER_DTYPES.values()
 
 
 def _history_problem(wave: Mapping[str, Any], p: Tensor, buffer_size: int) -> str | None:
@@ -119,11 +133,12 @@ def _history_problem(wave: Mapping[str, Any], p: Tensor, buffer_size: int) -> st
 
 
 def _placed(wave_state: Mapping[Tensor, Mapping[str, Any]]) -> dict[Tensor, dict[str, Any]]:
-    """The validated wave state as the optimizer will hold it: counts as ints, slots on their
+    """The validated wave state as the optimizer will hold it: counts as tensors of their own (a
+    step advances them in place: they must not alias the checkpoint's), slots on their
     parameter's device, each in memory of its own (the kernels write slots in place: a slot that
     overlaps itself, e.g. an expanded one, or another slot is copied). Made before anything
     changes, so a failing move (out of memory) leaves the optimizer as it was."""
-    out = {p: {k: _count(v) if k == COUNT_KEY else v.to(device=p.device) for k, v in wave.items()} for p, wave in wave_state.items()}
+    out = {p: {k: as_count(_count(v)) if k == COUNT_KEY else v.to(device=p.device) for k, v in wave.items()} for p, wave in wave_state.items()}
     slots = [(p, k) for p, wave in out.items() for k in wave if k != COUNT_KEY]
     spans = sorted((byte_span(out[p][k]), n) for n, (p, k) in enumerate(slots) if out[p][k].numel())
     reach = 0
@@ -156,7 +171,7 @@ def split_checkpoint(
     for index, (group, saved) in enumerate(zip(param_groups, saved_groups)):
         saved = {**{k: group.get(k, v) for k, v in wave_defaults.items()}, **saved}
         try:
-            check_wave_options({k: saved[k] for k in wave_defaults})
+            saved.update(check_wave_options({k: saved[k] for k in wave_defaults}))  # an older buffer_dtype: a dtype
         except ValueError as err:
             raise ValueError(f"Refusing checkpoint: parameter group {index}: {err}") from None
         groups.append(saved)

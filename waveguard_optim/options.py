@@ -21,8 +21,20 @@ def _is_real(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-# What every path stores and loads (the fused kernels have no float8 loads).
-_BUFFER_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# What every path stores and loads (the fused kernels have no float8 loads), by name: param groups
+# keep the name, since torch.distributed.checkpoint refuses a torch.dtype there (SPEC section 6).
+BUFFER_DTYPES = {name: getattr(torch, name) for name in ("float16", "bfloat16", "float32", "float64")}
+
+
+def buffer_dtype_name(value: Any) -> Any:
+    """The form param groups keep a ``buffer_dtype`` in: a torch.dtype becomes its name
+    (``torch.bfloat16`` -> ``"bfloat16"``); anything else is returned as is."""
+    return str(value).removeprefix("torch.") if isinstance(value, torch.dtype) else value
+
+
+def resolve_buffer_dtype(value: str | torch.dtype | None) -> torch.dtype | None:
+    """The torch.dtype that a valid ``buffer_dtype`` (None, a name or a dtype) stands for."""
+    return None if value is None else BUFFER_DTYPES[buffer_dtype_name(value)]
 
 
 def _problem(name: str, value: Any) -> str | None:
@@ -37,16 +49,19 @@ def _problem(name: str, value: Any) -> str | None:
     if name == "snr_gate":
         return None if isinstance(value, bool) else "must be True or False"
     if name == "buffer_dtype":
-        return None if value is None or value in _BUFFER_DTYPES else "must be None or one of float16, bfloat16, float32, float64"
+        ok = value is None or (isinstance(value, (str, torch.dtype)) and buffer_dtype_name(value) in BUFFER_DTYPES)
+        return None if ok else "must be None or one of float16, bfloat16, float32, float64, as a torch.dtype or its name"
     raise KeyError(name)
 
 
-def check_wave_options(options: Mapping[str, Any]) -> None:
-    """Raise ``ValueError`` naming the first invalid WaveGuard option and its value."""
+def check_wave_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """Raise ``ValueError`` naming the first invalid WaveGuard option and its value; return the
+    options in the form param groups keep them (``buffer_dtype`` by name)."""
     for name, value in options.items():
         problem = _problem(name, value)
         if problem is not None:
             raise ValueError(f"Invalid {name}: {value!r} ({problem})")
+    return {name: buffer_dtype_name(value) if name == "buffer_dtype" else value for name, value in options.items()}
 
 
 def filter_options(group: Mapping[str, Any]) -> dict[str, Any]:

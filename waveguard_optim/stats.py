@@ -58,13 +58,13 @@ def _local(t: Tensor) -> Tensor:
 
 
 def _param_sums(state: dict[str, Any], p: Tensor, group: dict[str, Any]) -> Tensor:
-    n = group["buffer_size"]
+    n, count = group["buffer_size"], int(state[COUNT_KEY])
     dtype = compute_dtype(p.dtype)
-    slots = [[_to_compute(_local(b), dtype)] for b in time_ordered(state, n)]
+    slots = [[_to_compute(_local(b), dtype)] for b in time_ordered(state, n, count)]
     (g,) = slots[-1]
     zero = g.new_zeros((), dtype=torch.float64)
     elements = float(g.numel())
-    if state[COUNT_KEY] < n:  # warm-up: the optimizer used g itself
+    if count < n:  # warm-up: the optimizer used g itself
         return torch.stack([zero + elements, zero, zero, zero, zero, zero, zero, g.double().square().sum()])
 
     (g_hat,) = fold_filter(slots, **filter_options(group))
@@ -111,10 +111,14 @@ def _summary(sums: list[float], buffer_size: int) -> dict[str, float]:
 def wave_stats(optimizer: torch.optim.Optimizer) -> list[dict[str, float]]:
     """Summaries of the filter's last step, one dict per param group (see the module docstring).
 
-    Works for WaveAdam, WaveSGD and any optimizer wrapped by :func:`waveguard_optim.wave_guard`.
-    Costs one filter evaluation per parameter and one device sync per group and device;
-    nothing is computed unless this is called.
+    Works for WaveAdam, WaveSGD and any optimizer wrapped by :func:`waveguard_optim.wave_guard`,
+    also behind the wrappers that frameworks hand out (accelerate's ``AcceleratedOptimizer``,
+    Lightning's ``LightningOptimizer``, a :class:`WaveGuardHandle`): whatever holds the optimizer
+    as ``.optimizer`` is unwrapped. Costs one filter evaluation per parameter and one device sync
+    per group and device; nothing is computed unless this is called.
     """
+    while (inner := getattr(optimizer, "optimizer", None)) is not None and inner is not optimizer:
+        optimizer = inner
     result = []
     for index, group in enumerate(optimizer.param_groups):
         if "buffer_size" not in group:

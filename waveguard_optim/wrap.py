@@ -25,6 +25,13 @@ How the wrapped optimizer sees things:
 * If the wrapped step raises, the post-hook does not run (torch calls it only after a
   successful step): ``p.grad`` is then left holding ĝ and the history already holds this
   gradient (except a parameter's first one).
+* ``step(closure)`` (Lightning always passes one): the pre-hook runs the closure under
+  ``torch.enable_grad()`` first, filters the gradients it computed, and hands the wrapped step
+  a closure that returns the same loss without running anything. That is right for optimizers
+  that call the closure once; LBFGS, which re-evaluates it along its line search, is refused,
+  and any other optimizer that calls it a second time gets a ``RuntimeError``.
+* Pickling (``copy.deepcopy``, ``torch.save(optimizer)``) drops torch's hooks: the wrapped
+  optimizer pickles so that the copy is wrapped again on unpickling, with its own handle.
 """
 
 from __future__ import annotations
@@ -47,6 +54,8 @@ from .stats import wave_stats
 __all__ = ["wave_guard", "WaveGuardHandle"]
 
 _HANDLE_ATTR = "_wave_guard_handle"
+# Instance attributes that wave_guard sets and remove() deletes.
+_ATTACHED = (_HANDLE_ATTR, "wave_stats", "__reduce_ex__")
 
 
 def _use_foreach(group: dict[str, Any], params: list[Tensor]) -> bool:
@@ -81,14 +90,19 @@ class WaveGuardHandle:
     # -- step -------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def _pre_step(self, optimizer: torch.optim.Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    def _pre_step(self, optimizer: torch.optim.Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         closure = args[1] if len(args) > 1 else kwargs.get("closure")  # args[0] is the optimizer
-        if closure is not None:
-            raise RuntimeError(
-                "wave_guard: step(closure) is not supported: the filter records the gradients present "
-                "before the step, and the closure would compute new ones after it. Call loss.backward() "
-                "yourself, then optimizer.step() without a closure."
-            )
+        if closure is None:
+            self._record(optimizer)
+            return None
+        with torch.enable_grad():
+            loss = closure()
+        self._record(optimizer)
+        ran = _RanClosure(loss, type(optimizer).__name__)
+        return ((args[0], ran, *args[2:]), kwargs) if len(args) > 1 else (args, {**kwargs, "closure": ran})
+
+    def _record(self, optimizer: torch.optim.Optimizer) -> None:
+        """Record the current gradients and put ĝ in ``p.grad`` for the wrapped step."""
         self._pending = None
         found_inf = getattr(optimizer, "found_inf", None)
         if found_inf is not None and bool(found_inf.item()):
@@ -212,8 +226,8 @@ class WaveGuardHandle:
             hook.remove()
         self._hooks.clear()
         if getattr(self.optimizer, _HANDLE_ATTR, None) is self:
-            delattr(self.optimizer, _HANDLE_ATTR)
-            self.optimizer.__dict__.pop("wave_stats", None)
+            for name in _ATTACHED:
+                self.optimizer.__dict__.pop(name, None)
 
     def __enter__(self) -> WaveGuardHandle:
         return self
@@ -240,14 +254,15 @@ def wave_guard(
     Returns a :class:`WaveGuardHandle`; ``handle.remove()`` detaches the filter. While
     attached, ``optimizer.wave_stats()`` is ``handle.wave_stats()``.
 
+    ``step(closure)`` runs the closure before filtering (see the module docstring); a copy made
+    by ``copy.deepcopy`` or ``torch.save``/``torch.load`` is wrapped too.
+
     Raises ``ValueError`` for an invalid option, an optimizer that already filters
-    (a WaveAdam / WaveSGD or one already wrapped) or one with ``differentiable=True``.
-    ``step(closure)`` raises ``RuntimeError``.
+    (a WaveAdam / WaveSGD or one already wrapped), one with ``differentiable=True``, or LBFGS.
     """
-    wave = dict(
+    wave = check_wave_options(dict(
         buffer_size=buffer_size, decay=decay, threshold_scale=threshold_scale, snr_gate=snr_gate, buffer_dtype=buffer_dtype
-    )
-    check_wave_options(wave)
+    ))  # fmt: skip
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"wave_guard expects a torch.optim.Optimizer, got {type(optimizer).__name__}")
     if isinstance(optimizer, WaveGuardMixin):
@@ -257,10 +272,36 @@ def wave_guard(
         raise ValueError("this optimizer is already wrapped by wave_guard (remove the first handle)")
     if any(group.get("differentiable", False) for group in optimizer.param_groups):
         raise ValueError("Invalid differentiable: True (the gradient history is not differentiable)")
+    if isinstance(optimizer, torch.optim.LBFGS):
+        raise ValueError(
+            "wave_guard cannot filter LBFGS: its line search re-evaluates the closure at new points, and "
+            "the filter would have to record each of those gradients as if it were a step's"
+        )
 
     optimizer.defaults.update(wave)
     for group in optimizer.param_groups:
         group.update(wave)
+    return _attach(optimizer)
+
+
+class _RanClosure:
+    """What the wrapped step gets as its closure once the pre-hook has run the user's: the loss."""
+
+    def __init__(self, loss: Any, optimizer_name: str) -> None:
+        self.loss, self.optimizer_name, self.calls = loss, optimizer_name, 0
+
+    def __call__(self) -> Any:
+        self.calls += 1
+        if self.calls > 1:
+            raise RuntimeError(
+                f"wave_guard: {self.optimizer_name} called the step's closure a second time; wave_guard "
+                "runs it once, before the step, and supports only optimizers that call it once"
+            )
+        return self.loss
+
+
+def _attach(optimizer: torch.optim.Optimizer) -> WaveGuardHandle:
+    """Hook the filter into an optimizer whose param groups hold the wave options."""
     handle = WaveGuardHandle(optimizer)
     handle._hooks = [
         optimizer.register_step_pre_hook(handle._pre_step),
@@ -270,4 +311,17 @@ def wave_guard(
     ]
     setattr(optimizer, _HANDLE_ATTR, handle)
     optimizer.wave_stats = types.MethodType(wave_stats, optimizer)  # type: ignore[attr-defined]
+    # pickle and copy look __reduce_ex__ up on the instance: the copy is wrapped again.
+    optimizer.__reduce_ex__ = types.MethodType(_reduce_wrapped, optimizer)  # type: ignore[method-assign]
     return handle
+
+
+def _reduce_wrapped(optimizer: torch.optim.Optimizer, protocol: int) -> tuple[Any, ...]:
+    return _unpickle_wrapped, (type(optimizer), optimizer.__getstate__())
+
+
+def _unpickle_wrapped(cls: type[torch.optim.Optimizer], state: dict[str, Any]) -> torch.optim.Optimizer:
+    optimizer = cls.__new__(cls)
+    optimizer.__setstate__(state)
+    _attach(optimizer)
+    return optimizer
