@@ -13,7 +13,7 @@ training loss for XOR and the clean task, excess risk for the regressions, valid
 accuracy for digits), from a grid that is widened along 1-3-10 steps while the best lr sits
 at its edge; then it is reported on the evaluation seeds.
 
-    python bench/quality.py                  # full run, ~15 minutes on 2 CPU cores
+    python bench/quality.py                  # full run: 33 min on a loaded 2-vCPU machine
     python bench/quality.py --quick          # smoke test, under a minute: no sweep, 3 seeds
     python bench/quality.py --tasks xor,clean --seeds 10
 """
@@ -207,6 +207,7 @@ def markdown(head, rows):
 
 
 def table(records):
+    """The main table: one row per (task, noise, optimizer) at its tuned lr."""
     rows = []
     for rec in records:
         for name, res in rec["results"].items():
