@@ -2,6 +2,8 @@
 
 import torch
 
+from waveguard_optim.denoise import claim_histories
+
 
 def make_params(dtype=torch.float32, seed=0):
     """Parameters of several shapes (one non-contiguous) so paths that group tensors are exercised."""
@@ -43,3 +45,19 @@ def train(params, optimizer, steps, kind="mixed", seed=0, skip=None):
             p.grad = None if skip is not None and skip(step, i) else gradient(p, step, kind, seed + i)
         optimizer.step()
     return [p.detach().clone() for p in params]
+
+
+def fused_sgd_filter(fused_wave_sgd_, slots, **options):
+    """g_hat of a fused SGD step (``fused_wave_sgd_`` of a kernel module) over ``slots`` (oldest
+    first, the last is the current gradient): the older ones are recorded by warm-up steps, then
+    SGD with lr 1 and no momentum moves a zero parameter to exactly -g_hat. ``options``: the
+    filter's, plus the kernel's own (e.g. ``backend``)."""
+    n, p, state = len(slots), torch.zeros_like(slots[0]), {}
+    for g in slots:
+        histories, full = claim_histories([p], [state], buffer_size=n, buffer_dtype=None)
+        p.zero_()
+        fused_wave_sgd_(
+            [p], [g], [None], histories, full, **options, weight_decay=0.0, momentum=0.0, lr=1.0, dampening=0.0,
+            nesterov=False, maximize=False,
+        )  # fmt: skip
+    return -p

@@ -29,6 +29,7 @@ from waveguard_optim import WaveAdam, WaveSGD
 from waveguard_optim._compat import adam_functional, sgd_functional
 from waveguard_optim.denoise import claim_histories, record_and_filter
 from waveguard_optim.kernels import cpu_step
+from conftest import fused_sgd_filter
 
 from waveguard_optim.kernels import cpu_c
 
@@ -390,20 +391,6 @@ def test_decay_one_is_the_plain_mean_whatever_the_threshold(backend: str) -> Non
     torch.testing.assert_close(before - p, torch.stack(recorded).mean(0), rtol=1e-6, atol=1e-6)
 
 
-def sgd_filter(backend: str, slots: list[torch.Tensor], **wave: Any) -> torch.Tensor:
-    """g_hat of the fused step over ``slots`` (oldest first, the last is the current gradient):
-    the older ones are recorded by warm-up steps, then SGD with lr 1 and no momentum moves a
-    zero parameter to exactly -g_hat."""
-    n, p, state = len(slots), torch.zeros_like(slots[0]), {}
-    for g in slots:
-        histories, full = claim_histories([p], [state], buffer_size=n, buffer_dtype=None)
-        p.zero_()
-        cpu_step.fused_wave_sgd_(
-            [p], [g], [None], histories, full, **wave, weight_decay=0.0, momentum=0.0, lr=1.0, dampening=0.0,
-            nesterov=False, maximize=False, backend=backend,
-        )  # fmt: skip
-    return -p
-
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("n", [4, 8, 64])
@@ -420,7 +407,7 @@ def test_weights_of_zero_ignore_non_finite_slots(backend: str, n: int, decay: fl
     if decay == 0:
         slots[-2][3:6] = torch.tensor([math.nan, math.inf, -math.inf])
     for snr_gate in (True, False):
-        got = sgd_filter(backend, slots, decay=decay, threshold_scale=0.0, snr_gate=snr_gate)
+        got = fused_sgd_filter(cpu_step.fused_wave_sgd_, slots, decay=decay, threshold_scale=0.0, snr_gate=snr_gate, backend=backend)
         assert torch.equal(got, slots[-1])
 
 

@@ -34,6 +34,7 @@ from torch.optim.sgd import sgd as torch_sgd  # noqa: E402
 
 from waveguard_optim.denoise import claim_histories, record_and_filter  # noqa: E402
 from waveguard_optim.kernels import triton_step  # noqa: E402
+from conftest import fused_sgd_filter  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 ON_CPU = triton_step.triton_available("cpu")
@@ -384,20 +385,6 @@ def test_decay_one_is_the_plain_mean_whatever_the_threshold() -> None:
     torch.testing.assert_close(before - p, torch.stack(recorded).mean(0), rtol=1e-6, atol=1e-6)
 
 
-def _sgd_filter(slots: list[torch.Tensor], **wave: Any) -> torch.Tensor:
-    """g_hat of the fused step over ``slots`` (oldest first, the last is the current gradient):
-    the older ones are recorded by warm-up steps, then SGD with lr 1 and no momentum moves a
-    zero parameter to exactly -g_hat."""
-    n, p, state = len(slots), torch.zeros_like(slots[0]), {}
-    for g in slots:
-        histories, full = claim_histories([p], [state], buffer_size=n, buffer_dtype=None)
-        p.zero_()
-        triton_step.fused_wave_sgd_(
-            [p], [g], [None], histories, full, **wave, weight_decay=0.0, momentum=0.0, lr=1.0, dampening=0.0,
-            nesterov=False, maximize=False,
-        )  # fmt: skip
-    return -p
-
 
 @needs_interpreter
 @pytest.mark.parametrize("n", [4, 8])
@@ -412,7 +399,7 @@ def test_weights_of_zero_ignore_non_finite_slots(n: int, decay: float) -> None:
     if decay == 0:
         slots[-2][3:6] = torch.tensor([math.nan, math.inf, -math.inf])
     for snr_gate in (True, False):
-        assert torch.equal(_sgd_filter(slots, decay=decay, threshold_scale=0.0, snr_gate=snr_gate), slots[-1])
+        assert torch.equal(fused_sgd_filter(triton_step.fused_wave_sgd_, slots, decay=decay, threshold_scale=0.0, snr_gate=snr_gate), slots[-1])
 
 
 @needs_interpreter
