@@ -1,18 +1,21 @@
-"""Does WaveGuard help? Training quality of WaveAdam/WaveSGD against Adam/SGD.
+"""Does WaveGuard help? Training quality of WaveAdam/WaveSGD against Adam/SGD and the peers a
+user would pick instead.
 
 WaveGuard is a hypothesis about gradients, not a free win, so this benchmark reports where
-it helps, where it does nothing and where it hurts, over fixed seeds shared by every
-optimizer. The ablation WaveAdam(thr=0) keeps the recency-weighted average of the last N
-gradients and drops the wavelet threshold: comparing WaveAdam with it shows whether the
-threshold earns anything beyond smoothing.
+it helps, where it ties and where it hurts, over fixed seeds shared by every optimizer.
+With its default decay=0 (SPEC version 2) WaveAdam with threshold_scale=0 *is* Adam, so the
+Adam row is also WaveAdam's ablation: any difference is the wavelet threshold's. Version 1
+(decay=0.85, a recency-weighted average of the denoised window) is kept beside it, with its
+own ablation (threshold_scale=0: the average alone).
 
-Each optimizer picks its learning rate from a small grid by its mean score on separate
-tuning seeds (final training loss for XOR and the clean task, excess risk for regression,
-validation accuracy for digits), then is reported on the evaluation seeds.
+Each optimizer picks its learning rate by its mean score on separate tuning seeds (final
+training loss for XOR and the clean task, excess risk for the regressions, validation
+accuracy for digits), from a grid that is widened along 1-3-10 steps while the best lr sits
+at its edge; then it is reported on the evaluation seeds.
 
-    python bench/quality.py                  # full run, ~9 minutes on 2 CPU cores
-    python bench/quality.py --quick          # CI smoke test, under a minute
-    python bench/quality.py --tasks xor,clean --seeds 20
+    python bench/quality.py                  # full run: 33 min on a loaded 2-vCPU machine
+    python bench/quality.py --quick          # smoke test, under a minute: no sweep, 3 seeds
+    python bench/quality.py --tasks xor,clean --seeds 10
 """
 import argparse
 import json
@@ -28,33 +31,59 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from pytorch_optimizer import AdEMAMix, GrokFastAdamW  # noqa: E402
 
 from quality_tasks import TASKS  # noqa: E402  (bench/ is on sys.path when run as a script)
 from waveguard_optim import WaveAdam, WaveSGD  # noqa: E402
 
 MOMENTUM = 0.9
 TUNE_SEEDS = tuple(range(1000, 1005))  # disjoint from the evaluation seeds 0, 1, 2, ...
+MAX_WIDEN = 3  # lattice steps a grid may grow on each side (one step = ×10^½, 1-3-10)
+N_BOOT = 4000  # bootstrap resamples for the 95% confidence interval of a mean
 
 
 @dataclass(frozen=True)
 class Opt:
     name: str
     family: str  # which learning-rate grid of the task it uses
-    build: Callable  # build(params, lr) -> optimizer
+    build: Callable  # build(params, lr, steps) -> optimizer
     compare_to: tuple = ()  # baselines for wins/ties/losses; the first one is "its" baseline
     style: str = "-"
 
 
+def _adam(beta1):
+    """fused=True: on CPU it rounds like WaveAdam's default path, so that WaveAdam with
+    threshold_scale=0 (and decay 0) follows this Adam bit for bit and the Adam row is exactly
+    its ablation (torch's default foreach Adam differs from it by float rounding)."""
+    return lambda p, lr, steps: torch.optim.Adam(p, lr=lr, betas=(beta1, 0.999), fused=True)
+
+
+def _wave_adam(decay, threshold_scale=1.0):
+    """decay is always explicit: the benchmark must not depend on the library's default."""
+    return lambda p, lr, steps: WaveAdam(p, lr=lr, decay=decay, threshold_scale=threshold_scale)
+
+
 OPTIMIZERS = (
-    Opt("Adam", "adam", lambda p, lr: torch.optim.Adam(p, lr=lr)),
-    Opt("WaveAdam", "adam", lambda p, lr: WaveAdam(p, lr=lr), ("Adam", "WaveAdam(thr=0)")),
-    Opt("WaveAdam(thr=0)", "adam", lambda p, lr: WaveAdam(p, lr=lr, threshold_scale=0.0), ("Adam",), ":"),
-    Opt("SGD", "sgd", lambda p, lr: torch.optim.SGD(p, lr=lr, momentum=MOMENTUM), style="--"),
-    Opt("WaveSGD", "sgd", lambda p, lr: WaveSGD(p, lr=lr, momentum=MOMENTUM), ("SGD",), "--"),
+    Opt("Adam", "adam", _adam(0.9)),
+    Opt("Adam β1=0.95", "adam", _adam(0.95), ("Adam",), "--"),
+    Opt("Adam β1=0.98", "adam", _adam(0.98), ("Adam",), "--"),
+    # AdEMAMix with the warm-up of alpha and beta3 over the whole run that its authors advise.
+    Opt("AdEMAMix", "adam", lambda p, lr, steps: AdEMAMix(p, lr=lr, t_alpha_beta3=steps), ("Adam",), "-."),
+    # GrokFast's EMA filter (alpha 0.98, lamb 2) in front of Adam's betas, with no lr rescaling
+    # (the lr is swept anyway) and no weight decay, so the filter is the only difference.
+    Opt("GrokFast", "adam", lambda p, lr, steps: GrokFastAdamW(p, lr=lr, betas=(0.9, 0.999), normalize_lr=False),
+        ("Adam",), "-."),
+    Opt("WaveAdam", "adam", _wave_adam(0.0), ("Adam",)),  # its ablation, threshold_scale=0, is Adam
+    Opt("WaveAdam v1", "adam", _wave_adam(0.85), ("Adam", "WaveAdam v1 κ=0"), ":"),
+    Opt("WaveAdam v1 κ=0", "adam", _wave_adam(0.85, 0.0), ("Adam",), ":"),
+    Opt("SGD", "sgd", lambda p, lr, steps: torch.optim.SGD(p, lr=lr, momentum=MOMENTUM)),
+    Opt("WaveSGD", "sgd", lambda p, lr, steps: WaveSGD(p, lr=lr, momentum=MOMENTUM, decay=0.0), ("SGD",)),
 )
 OPT_BY_NAME = {o.name: o for o in OPTIMIZERS}
 TASK_BY_NAME = {t.name: t for t in TASKS}
+DROP_IN = ("WaveAdam", "WaveAdam v1", "WaveAdam v1 κ=0")  # compared with Adam at every shared lr
 
 
 def mean_score(score):
@@ -62,23 +91,50 @@ def mean_score(score):
     return score.mean().item() if torch.isfinite(score).all() else math.inf
 
 
+def lattice_neighbour(lr, up):
+    """The next lr on the 1-3-10 lattice (10^(k/2) to one significant digit) above or below lr."""
+    k = round(2 * math.log10(lr)) + (1 if up else -1)
+    return float(f"{10 ** (k / 2):.0e}")
+
+
 def evaluate(task, noise, opt, seeds, steps, sweep):
-    """Run every lr of the grid on tuning + evaluation seeds stacked, keep the best by tuning score."""
+    """Run the lr grid on tuning + evaluation seeds stacked, widening it while the best lr (by the
+    tuning score) is at an edge, up to MAX_WIDEN steps a side; report the best on the evaluation seeds."""
     grid = task.lrs[opt.family]
     if not sweep:
         grid = (grid[len(grid) // 2],)
-    tune = list(TUNE_SEEDS) if len(grid) > 1 else []
-    runs = {lr: task.run(lambda p: opt.build(p, lr), tune + list(seeds), noise, steps) for lr in grid}
-    best = min(grid, key=lambda lr: mean_score(runs[lr].score[: len(tune)]))
-    run = runs[best]
-    curve = run.curve[:, len(tune):]
+    tune = list(TUNE_SEEDS) if sweep else []
+    runs = {}
+
+    def run(lr):
+        runs[lr] = task.run(lambda p: opt.build(p, lr, steps), tune + list(seeds), noise, steps)
+
+    def best_lr():
+        return min(sorted(runs), key=lambda lr: mean_score(runs[lr].score[: len(tune)]))
+
+    for lr in grid:
+        run(lr)
+    widened = {"down": 0, "up": 0}
+    while sweep:
+        lrs, best = sorted(runs), best_lr()
+        side = "down" if best == lrs[0] else "up" if best == lrs[-1] else None
+        if side is None or widened[side] == MAX_WIDEN:
+            break
+        widened[side] += 1
+        run(lattice_neighbour(best, up=side == "up"))
+    best = best_lr()
+    lrs = sorted(runs)
+    result = runs[best]
+    curve = result.curve[:, len(tune):]
     q25, med, q75 = torch.nanquantile(curve, torch.tensor([0.25, 0.5, 0.75]), dim=1)
     return {
         "lr": best,
-        "per_seed": run.final[len(tune):].tolist(),
-        "sweep": {f"{lr:g}": {"tune_score": mean_score(r.score[: len(tune)]) if tune else None,
-                              "eval_mean": r.final[len(tune):].mean().item()} for lr, r in runs.items()},
-        "curve": {"steps": run.curve_steps, "median": med.tolist(), "q25": q25.tolist(), "q75": q75.tolist()},
+        "widened": widened,
+        "at_edge": sweep and best in (lrs[0], lrs[-1]),
+        "per_seed": result.final[len(tune):].tolist(),
+        "sweep": {f"{lr:g}": {"tune_score": mean_score(runs[lr].score[: len(tune)]) if tune else None,
+                              "per_seed": runs[lr].final[len(tune):].tolist()} for lr in lrs},
+        "curve": {"steps": result.curve_steps, "median": med.tolist(), "q25": q25.tolist(), "q75": q75.tolist()},
     }
 
 
@@ -94,13 +150,16 @@ def run_job(job):
     return job, res, time.perf_counter() - t0
 
 
-def wins_ties_losses(metric, mine, base):
-    """Per seed: a win is better than the baseline by more than the metric's tie tolerance.
-    A non-finite value (diverged run) is the worst possible."""
+def _worst_for(metric, values):
+    """Per-seed values with a diverged run (nan/inf) replaced by the worst possible value."""
     worst = -math.inf if metric.higher_is_better else math.inf
+    return [v if math.isfinite(v) else worst for v in values]
+
+
+def wins_ties_losses(metric, mine, base):
+    """Per seed: a win is better than the baseline by more than the metric's tie tolerance."""
     wtl = [0, 0, 0]
-    for a, b in zip(mine, base):
-        a, b = (worst if not math.isfinite(v) else v for v in (a, b))
+    for a, b in zip(_worst_for(metric, mine), _worst_for(metric, base)):
         if a == b or abs(a - b) <= metric.tie_abs + metric.tie_rel * abs(b):
             wtl[1] += 1
         else:
@@ -108,49 +167,162 @@ def wins_ties_losses(metric, mine, base):
     return wtl
 
 
-def summary(metric, values):
-    v = torch.tensor(values, dtype=torch.float64)
+def mean_ci(metric, values):
+    """Mean over seeds and its 95% percentile-bootstrap confidence interval (fixed resampling)."""
+    v = np.array(_worst_for(metric, values), dtype=np.float64)
+    idx = np.random.default_rng(0).integers(0, len(v), (N_BOOT, len(v)))
+    with np.errstate(invalid="ignore"):
+        lo, hi = np.percentile(v[idx].mean(1), [2.5, 97.5])
+    return [float(v.mean()), float(lo), float(hi)]
+
+
+def ci_verdict(metric, mine, base):
+    """'better' / 'worse' when the two 95% intervals do not overlap, else 'overlap'."""
+    (_, lo, hi), (_, blo, bhi) = mine, base
+    if metric.higher_is_better:
+        lo, hi, blo, bhi = -hi, -lo, -bhi, -blo
+    return "better" if hi < blo else "worse" if lo > bhi else "overlap"
+
+
+def fmt_mean_ci(metric, ci, n):
+    mean, lo, hi = ci
     if metric.count:
-        return f"{int(v.sum())}/{len(v)}"
-    std = v.std().item() if len(v) > 1 else 0.0
-    return f"{metric.fmt.format(v.mean().item())} ± {metric.fmt.format(std)}"
+        return f"{round(mean * n)}/{n} [{lo:.2f}, {hi:.2f}]"
+    return f"{metric.fmt.format(mean)} [{metric.fmt.format(lo)}, {metric.fmt.format(hi)}]"
 
 
-def table(records):
+def fmt_lr(res):
+    """The tuned lr, with how far its grid was widened and whether it still ends at an edge."""
+    notes = [f"{'↓' if side == 'down' else '↑'}{k}" for side, k in res["widened"].items() if k]
+    if res["at_edge"]:
+        notes.append("edge")
+    return f"{res['lr']:g}" + (f" ({', '.join(notes)})" if notes else "")
+
+
+def markdown(head, rows):
     """A Markdown table: readable in a terminal and pastable into the README."""
-    head = ["task", "noise", "optimizer", "lr", "final metric (mean ± std)", "W/T/L vs baseline", "W/T/L vs ablation"]
-    rows = []
-    for rec in records:
-        for name, res in rec["results"].items():
-            vs = [f"{'/'.join(map(str, wtl))} vs {b}" for b, wtl in res["wtl"].items()] + ["", ""]
-            rows.append([rec["task"], rec["noise"], name, f"{res['lr']:g}",
-                         f"{rec['metric']}: {res['summary']}", vs[0], vs[1]])
     widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
     line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
     return "\n".join([line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows])
 
 
-def plot(task, records, path):
-    """Loss curves, one panel per noise level: median over seeds, band = interquartile range."""
-    fig, axes = plt.subplots(1, len(records), figsize=(4.2 * len(records), 3.6), squeeze=False)
+def table(records):
+    """The main table: one row per (task, noise, optimizer) at its tuned lr."""
+    rows = []
+    for rec in records:
+        for name, res in rec["results"].items():
+            vs = [f"{'/'.join(map(str, res['wtl'][b]))} vs {b}" for b in res["wtl"]]
+            base = next(iter(res["wtl"]), None)
+            rows.append([rec["task"], rec["noise"], name, fmt_lr(res), res["summary"],
+                         vs[0] if vs else "", res["ci_vs"][base] if base else "", "; ".join(vs[1:])])
+    head = ["task", "noise", "optimizer", "lr", "metric: mean [95% CI]", "W/T/L", "CIs", "W/T/L vs ablation"]
+    return markdown(head, rows)
+
+
+def same_lr_rows(rec, metric):
+    """DROP_IN optimizers against Adam at every lr both ran: mean metric, and per-seed W/T/L."""
+    adam = rec["results"]["Adam"]["sweep"]
+    rows = []
+    for lr in sorted(adam, key=float):
+        cells = []
+        for name in DROP_IN:
+            other = rec["results"][name]["sweep"].get(lr)
+            if other is None:
+                cells.append("–")
+                continue
+            mean = mean_ci(metric, other["per_seed"])[0]
+            wtl = "/".join(map(str, wins_ties_losses(metric, other["per_seed"], adam[lr]["per_seed"])))
+            cells.append(f"{metric.fmt.format(mean)} ({wtl})")
+        rows.append([rec["task"], rec["noise"], lr, metric.fmt.format(mean_ci(metric, adam[lr]["per_seed"])[0])] + cells)
+    return rows
+
+
+def goals(records):
+    """Issue 10's goals, computed from the run (WaveAdam = v2, decay 0; its ablation is Adam)."""
+    by = {(r["task"], r["noise"]): r for r in records}
+    out = {}
+    if ("clean", "full batch") in by:
+        rec = by["clean", "full batch"]
+        w, t, l = rec["results"]["WaveAdam"]["wtl"]["Adam"]
+        adam_sweep, wave_sweep = rec["results"]["Adam"]["sweep"], rec["results"]["WaveAdam"]["sweep"]
+        ratios = {lr: float(np.mean(wave_sweep[lr]["per_seed"]) / np.mean(adam_sweep[lr]["per_seed"]))
+                  for lr in adam_sweep if lr in wave_sweep}
+        worst = max(ratios, key=ratios.get)
+        out["clean: WaveAdam not worse than Adam (within 5%) on >= 80% of seeds, each at its best lr"] = (
+            f"W/T/L {w}/{t}/{l}: {w + t}/{w + t + l} -> {'met' if w + t >= 0.8 * (w + t + l) else 'NOT met'}")
+        out["clean: same-lr drop-in never > 10% worse (mean final loss, WaveAdam / Adam, every shared lr)"] = (
+            ", ".join(f"lr {lr}: {r:.3f}" for lr, r in sorted(ratios.items(), key=lambda kv: float(kv[0])))
+            + f" -> {'met' if ratios[worst] <= 1.10 else 'NOT met'} (worst at lr {worst})")
+    noisy = [r for r in records if r["noisy"]]
+    verdicts = {f"{r['task']} {r['noise']}": r["results"]["WaveAdam"]["ci_vs"]["Adam"] for r in noisy}
+    worse = [k for k, v in verdicts.items() if v == "worse"]
+    better = [k for k, v in verdicts.items() if v == "better"]
+    out[f"noisy cells ({len(noisy)}): WaveAdam never significantly worse than Adam"] = (
+        f"worse in {len(worse)}: {', '.join(worse) or 'none'} -> {'met' if not worse else 'NOT met'}")
+    out["noisy cells: WaveAdam significantly better than Adam in >= 2"] = (
+        f"better in {len(better)}: {', '.join(better) or 'none'} -> {'met' if len(better) >= 2 else 'NOT met'}")
+    thr = [f"{r['task']} {r['noise']}" for r in records if r["results"]["WaveAdam"]["ci_vs"]["Adam"] == "better"]
+    v1 = [f"{r['task']} {r['noise']}" for r in records
+          if r["results"]["WaveAdam v1"]["ci_vs"]["WaveAdam v1 κ=0"] == "better"]
+    out["threshold beats its ablation (WaveAdam vs Adam = kappa 0), non-overlapping 95% CIs, >= 1 cell"] = (
+        f"{len(thr)}: {', '.join(thr) or 'none'} -> {'met' if thr else 'NOT met'}"
+        f" (v1 threshold vs v1 kappa=0: {len(v1)}: {', '.join(v1) or 'none'})")
+    return out
+
+
+def plot_curves(task, records, path):
+    """Loss curves at each optimizer's tuned lr, one panel per noise level: median over seeds,
+    band = interquartile range."""
+    fig, axes = plt.subplots(1, len(records), figsize=(4.6 * len(records), 3.8), squeeze=False)
     for ax, rec in zip(axes[0], records):
         for i, opt in enumerate(OPTIMIZERS):
             c = rec["results"][opt.name]["curve"]
-            ax.plot(c["steps"], c["median"], opt.style, color=f"C{i}", label=opt.name, lw=1.4)
-            ax.fill_between(c["steps"], c["q25"], c["q75"], color=f"C{i}", alpha=0.15, lw=0)
+            ax.plot(c["steps"], c["median"], opt.style, color=f"C{i}", label=opt.name, lw=1.3)
+            ax.fill_between(c["steps"], c["q25"], c["q75"], color=f"C{i}", alpha=0.10, lw=0)
         ax.set_yscale("log")
         ax.set_title(f"{task.name}: {rec['noise']}", fontsize=10)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel(task.curve_label)
-    axes[0][-1].legend(fontsize=8)
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_lr(task, records, path):
+    """Final metric (mean over evaluation seeds) against lr, one line per optimizer; the lr each
+    optimizer picked on the tuning seeds is circled. Shows which optimizer forgives a wrong lr.
+    A loss axis stops at 100x the median of the optimizers' tuned losses: points above it (or
+    diverged) sit on the top edge as triangles."""
+    metric = task.metric
+    fig, axes = plt.subplots(1, len(records), figsize=(4.6 * len(records), 3.8), squeeze=False)
+    for ax, rec in zip(axes[0], records):
+        top = math.inf if metric.higher_is_better else 100 * np.median([r["mean_ci"][0] for r in rec["results"].values()])
+        for i, opt in enumerate(OPTIMIZERS):
+            res = rec["results"][opt.name]
+            lrs = sorted(res["sweep"], key=float)
+            x = np.array([float(lr) for lr in lrs])
+            y = np.array([mean_ci(metric, res["sweep"][lr]["per_seed"])[0] for lr in lrs])
+            off = y > top
+            ax.plot(x, np.where(off, top, y), opt.style, marker=".", color=f"C{i}", label=opt.name, lw=1.3)
+            ax.plot(x[off], np.full(off.sum(), top), "^", color=f"C{i}", ms=6)
+            ax.plot([res["lr"]], [min(res["mean_ci"][0], top)], "o", mfc="none", color=f"C{i}", ms=9)
+        ax.set_xscale("log")
+        if not metric.higher_is_better:
+            ax.set_yscale("log")
+        ax.set_title(f"{task.name}: {rec['noise']}", fontsize=10)
+        ax.set_xlabel("learning rate")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(metric.name + (" (fraction of seeds)" if metric.count else "") + ", mean over seeds")
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
 def finite_or_str(x):
-    """JSON has no inf/nan: write them as strings."""
+    """JSON has no inf/nan: write them as strings (read back by `restore_floats`)."""
     if isinstance(x, float) and not math.isfinite(x):
         return str(x)
     if isinstance(x, dict):
@@ -160,18 +332,81 @@ def finite_or_str(x):
     return x
 
 
+def restore_floats(x):
+    if x in ("inf", "-inf", "nan"):
+        return float(x)
+    if isinstance(x, dict):
+        return {k: restore_floats(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [restore_floats(v) for v in x]
+    return x
+
+
+def analyse(records):
+    """Add each cell's mean and 95% CI, and its W/T/L and CI verdicts against its baselines."""
+    for rec in records:
+        metric, results = TASK_BY_NAME[rec["task"]].metric, rec["results"]
+        for res in results.values():
+            res["mean_ci"] = mean_ci(metric, res["per_seed"])
+            res["summary"] = fmt_mean_ci(metric, res["mean_ci"], rec["seeds"])
+        for opt in OPTIMIZERS:
+            res = results[opt.name]
+            res["wtl"] = {b: wins_ties_losses(metric, res["per_seed"], results[b]["per_seed"]) for b in opt.compare_to}
+            res["ci_vs"] = {b: ci_verdict(metric, res["mean_ci"], results[b]["mean_ci"]) for b in opt.compare_to}
+
+
+def report(run, out):
+    """Plots, tables and goals of a run (fresh, or read back with --replot); writes quality.json."""
+    records, quick = run["records"], run["quick"]
+    analyse(records)
+    tasks = [t for t in TASKS if any(r["task"] == t.name for r in records)]
+    for task in tasks:
+        task_records = [r for r in records if r["task"] == task.name]
+        plot_curves(task, task_records, out / f"{task.name}.png")
+        if not quick:
+            plot_lr(task, task_records, out / f"{task.name}-lr.png")
+    seeds = {r["task"]: r["seeds"] for r in records}
+    print(table(records))
+    print("\nW/T/L per seed: against Adam for the Adam family, SGD for WaveSGD, and 'vs ablation' "
+          "against the named optimizer; a win beats it by more than the tie tolerance ("
+          + "; ".join(f"{t.name}: {t.metric.tie_text()}" for t in tasks) + "). CIs: 'better'/'worse' "
+          "when the two 95% bootstrap intervals of the mean do not overlap. lr: tuned on seeds "
+          f"{TUNE_SEEDS[0]}..{TUNE_SEEDS[-1]}, (↑k/↓k) = grid widened k steps, 'edge' = still at the edge "
+          f"after {MAX_WIDEN}{' (no sweep in --quick)' if quick else ''}. Evaluation seeds 0..n-1, n = "
+          + ", ".join(f"{t.name} {seeds[t.name]}" for t in tasks) + f". SGD momentum {MOMENTUM}.")
+    if not quick:
+        rows = [row for rec in records for row in same_lr_rows(rec, TASK_BY_NAME[rec["task"]].metric)]
+        print("\nSame-lr drop-in: mean metric at every lr Adam ran (W/T/L per seed against Adam at that lr)\n")
+        print(markdown(["task", "noise", "lr", "Adam"] + list(DROP_IN), rows))
+        run["goals"] = goals(records)
+        print("\nGoals (issue 10):")
+        for goal, verdict in run["goals"].items():
+            print(f"- {goal}: {verdict}")
+    print(f"\nRuntime {run['runtime_s']:.0f}s. Results and plots in {out}/")
+    (out / "quality.json").write_text(json.dumps(finite_or_str(run), indent=1, ensure_ascii=False))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true",
-                    help="CI smoke test: 3 seeds, ~10x fewer steps, middle lr of each grid, no sweep")
-    ap.add_argument("--seeds", type=int, help="number of evaluation seeds (default 10, or 3 with --quick)")
+                    help="smoke test: 3 seeds, ~10x fewer steps, the middle lr of each grid, no sweep")
+    ap.add_argument("--seeds", type=int,
+                    help="number of evaluation seeds (default: the task's, 20 for xor and 10 elsewhere; 3 with --quick)")
     ap.add_argument("--out", type=Path,
                     help="output folder (default bench/results/quality, or bench/results/quality-quick)")
     ap.add_argument("--workers", type=int, default=2, help="parallel worker processes (default 2)")
     ap.add_argument("--tasks", help="comma-separated subset of: " + ",".join(t.name for t in TASKS))
+    ap.add_argument("--replot", action="store_true",
+                    help="train nothing: redraw the plots and reprint the tables from --out's quality.json")
     args = ap.parse_args()
-    seeds = range(args.seeds or (3 if args.quick else 10))
     out = args.out or Path("bench/results/quality" + ("-quick" if args.quick else ""))
+    if args.replot:
+        report(restore_floats(json.loads((out / "quality.json").read_text())), out)
+        return
+
+    def n_seeds(task):
+        return args.seeds or (3 if args.quick else task.seeds)
+
     wanted = set(args.tasks.split(",")) if args.tasks else {t.name for t in TASKS}
     if unknown := wanted - {t.name for t in TASKS}:
         ap.error(f"unknown task(s): {', '.join(sorted(unknown))}")
@@ -179,40 +414,23 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
 
     start = time.perf_counter()
-    jobs = [(t.name, noise, o.name, len(seeds), args.quick) for t in tasks for noise in t.noises for o in OPTIMIZERS]
+    # The costliest tasks (last in TASKS) first, so that the last jobs to finish are short ones.
+    jobs = [(t.name, noise, o.name, n_seeds(t), args.quick) for t in reversed(tasks) for noise in t.noises
+            for o in OPTIMIZERS]
     cells = {}
     with multiprocessing.Pool(args.workers) as pool:
         for job, res, secs in pool.imap_unordered(run_job, jobs):
             cells[job[:3]] = res
-            print(f"[{len(cells):3d}/{len(jobs)}] {job[0]} {job[1]} {job[2]}: lr {res['lr']:g}, "
+            print(f"[{len(cells):3d}/{len(jobs)}] {job[0]} {job[1]} {job[2]}: lr {fmt_lr(res)}, "
                   f"{secs:.1f}s (total {time.perf_counter() - start:.0f}s)", file=sys.stderr, flush=True)
-    records = []
-    for task in tasks:
-        task_records = []
-        for noise in task.noises:
-            results = {o.name: cells[task.name, noise, o.name] for o in OPTIMIZERS}
-            for opt in OPTIMIZERS:
-                res = results[opt.name]
-                res["summary"] = summary(task.metric, res["per_seed"])
-                res["wtl"] = {b: wins_ties_losses(task.metric, res["per_seed"], results[b]["per_seed"])
-                              for b in opt.compare_to}
-            task_records.append({"task": task.name, "noise": noise, "metric": task.metric.name,
-                                 "higher_is_better": task.metric.higher_is_better, "tie": task.metric.tie_text(),
-                                 "steps": task.quick_steps if args.quick else task.steps, "results": results})
-        plot(task, task_records, out / f"{task.name}.png")
-        records += task_records
-    runtime = time.perf_counter() - start
-
-    print(table(records))
-    print("\nW/T/L: per evaluation seed, a win beats the baseline by more than the tie tolerance "
-          "(" + "; ".join(f"{t.name}: {t.metric.tie_text()}" for t in tasks) + "). "
-          f"Seeds {seeds.start}..{seeds.stop - 1}; lr picked on seeds {TUNE_SEEDS[0]}..{TUNE_SEEDS[-1]}"
-          f"{' (no sweep in --quick)' if args.quick else ''}. SGD momentum {MOMENTUM}.")
-    print(f"Runtime {runtime:.0f}s. Results and plots in {out}/")
-    report = {"command": " ".join(["python", "bench/quality.py"] + sys.argv[1:]), "quick": args.quick,
-              "seeds": list(seeds), "tune_seeds": list(TUNE_SEEDS), "momentum": MOMENTUM,
-              "runtime_s": runtime, "torch": torch.__version__, "records": records}
-    (out / "quality.json").write_text(json.dumps(finite_or_str(report), indent=1, ensure_ascii=False))
+    records = [{"task": t.name, "noise": noise, "noisy": noise not in t.noise_free, "seeds": n_seeds(t),
+                "metric": t.metric.name, "higher_is_better": t.metric.higher_is_better, "tie": t.metric.tie_text(),
+                "steps": t.quick_steps if args.quick else t.steps,
+                "results": {o.name: cells[t.name, noise, o.name] for o in OPTIMIZERS}}
+               for t in tasks for noise in t.noises]
+    report({"command": " ".join(["python", "bench/quality.py"] + sys.argv[1:]), "quick": args.quick,
+            "tune_seeds": list(TUNE_SEEDS), "momentum": MOMENTUM, "torch": torch.__version__,
+            "runtime_s": time.perf_counter() - start, "records": records}, out)
 
 
 if __name__ == "__main__":
