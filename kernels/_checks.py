@@ -76,6 +76,23 @@ def check_memory(name: str, written: Mapping[str, Sequence[Tensor | None]], read
             )
 
 
+def check_step_memory(
+    name: str,
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    state: Mapping[str, Sequence[Tensor | None]],
+    steps: Sequence[Tensor | None],
+    histories: Sequence[Sequence[Tensor]],
+) -> None:
+    """:func:`check_memory` on the operands of one fused step: it writes the parameters, their
+    state, the step counts given (None: not written in place) and the newest history slot, and
+    reads the gradients and the older slots."""
+    newest = [h[-1] for h in histories]
+    older = [s for h in histories for s in h[:-1]]
+    written = dict(params=params, **state, state_steps=steps, newest_history_slots=newest)
+    check_memory(name, written, dict(grads=grads, older_history_slots=older))
+
+
 def _label(columns: list[tuple[str, Sequence[Tensor | None]]], k: int) -> tuple[str, int]:
     """(column, index) of the k-th non-None tensor of ``columns`` (for error messages)."""
     for column, values in columns:

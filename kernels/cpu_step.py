@@ -60,7 +60,7 @@ from torch import Tensor
 
 from waveguard_optim.filter import compute_dtype, filter_weights, fold_filter, threshold_scale_factor
 from waveguard_optim.kernels import cpu_c
-from waveguard_optim.kernels._checks import check_memory, check_state_dtypes, check_steps
+from waveguard_optim.kernels._checks import check_state_dtypes, check_step_memory, check_steps
 
 __all__ = ["fused_wave_adam_", "fused_wave_sgd_", "cpu_fused_available"]
 
@@ -257,9 +257,7 @@ def _check_operands(
             f"The fused CPU step needs {column} tensors of their parameter's size: parameter {owners[k]} "
             f"has {expected[k]} elements, its {column} tensor {tensors[k].numel()} elements"
         )
-    newest = [h[-1] for h in histories]
-    older = [s for h in histories for s in h[:-1]]
-    check_memory(name, dict(params=params, **state, state_steps=steps, newest_history_slots=newest), dict(grads=grads, older_history_slots=older))
+    check_step_memory(name, params, grads, state, steps, histories)
 
 
 def _to_torch_back_end(groups: dict[tuple[Any, ...], list[int]], members: set[int]) -> dict[tuple[Any, ...], list[int]]:

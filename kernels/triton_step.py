@@ -45,7 +45,7 @@ import torch
 from torch import Tensor
 
 from waveguard_optim.filter import compute_dtype, filter_weights, median_network, threshold_scale_factor
-from waveguard_optim.kernels._checks import check_memory, check_state_dtypes, check_steps
+from waveguard_optim.kernels._checks import check_state_dtypes, check_step_memory, check_steps
 
 try:
     import triton
@@ -577,11 +577,9 @@ def _check(
     if not triton_available(device):
         mode = "TRITON_INTERPRET=1 (the interpreter runs CPU tensors only)" if _interpreted() else "compiled (CUDA only)"
         raise RuntimeError(f"{name}: the Triton kernels cannot run on {device} in this process: {mode}")
-    newest = [h[-1] for h in histories]
-    older = [s for h in histories for s in h[:-1]]
     # Steps on another device are read through a copy; those here are written in place.
     here = [step if step.device == device else None for step in state_steps or ()]
-    check_memory(name, dict(params=params, **state, state_steps=here, newest_history_slots=newest), dict(grads=grads, older_history_slots=older))
+    check_step_memory(name, params, grads, state, here, histories)
     return device
 
 
