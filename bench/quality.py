@@ -386,6 +386,19 @@ def report(run, out):
     (out / "quality.json").write_text(json.dumps(finite_or_str(run), indent=1, ensure_ascii=False))
 
 
+def run_jobs(run, jobs, workers, start):
+    """``{(task, noise, optimizer): result}`` of ``run(job)`` for every job (its first three fields
+    are that key), on ``workers`` processes, with a progress line per finished job on stderr.
+    ``run`` returns ``(job, result, seconds)``."""
+    cells = {}
+    with multiprocessing.Pool(workers) as pool:
+        for job, res, secs in pool.imap_unordered(run, jobs):
+            cells[job[:3]] = res
+            print(f"[{len(cells):3d}/{len(jobs)}] {job[0]} {job[1]} {job[2]}: lr {fmt_lr(res)}, "
+                  f"{secs:.1f}s (total {time.perf_counter() - start:.0f}s)", file=sys.stderr, flush=True)
+    return cells
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true",
@@ -417,12 +430,7 @@ def main():
     # The costliest tasks (last in TASKS) first, so that the last jobs to finish are short ones.
     jobs = [(t.name, noise, o.name, n_seeds(t), args.quick) for t in reversed(tasks) for noise in t.noises
             for o in OPTIMIZERS]
-    cells = {}
-    with multiprocessing.Pool(args.workers) as pool:
-        for job, res, secs in pool.imap_unordered(run_job, jobs):
-            cells[job[:3]] = res
-            print(f"[{len(cells):3d}/{len(jobs)}] {job[0]} {job[1]} {job[2]}: lr {fmt_lr(res)}, "
-                  f"{secs:.1f}s (total {time.perf_counter() - start:.0f}s)", file=sys.stderr, flush=True)
+    cells = run_jobs(run_job, jobs, args.workers, start)
     records = [{"task": t.name, "noise": noise, "noisy": noise not in t.noise_free, "seeds": n_seeds(t),
                 "metric": t.metric.name, "higher_is_better": t.metric.higher_is_better, "tie": t.metric.tie_text(),
                 "steps": t.quick_steps if args.quick else t.steps,

@@ -24,7 +24,6 @@ bench/results/quality/threshold_variants.json.
 import argparse
 import contextlib
 import json
-import multiprocessing
 import sys
 import time
 from pathlib import Path
@@ -139,12 +138,7 @@ def main():
     steps = {t.name: max(1, round(t.steps * args.steps_scale)) for t in tasks}
     jobs = [(t.name, noise, o.name, args.seeds, steps[t.name]) for t in tasks for noise in t.noises for o in OPTIMIZERS]
     jobs.sort(key=lambda j: j[0] != "clean")  # the slowest task first
-    cells = {}
-    with multiprocessing.Pool(args.workers) as pool:
-        for job, res, secs in pool.imap_unordered(run_job, jobs):
-            cells[job[:3]] = res
-            print(f"[{len(cells):2d}/{len(jobs)}] {' '.join(job[:3])}: lr {fmt_lr(res)}, {secs:.0f}s "
-                  f"(total {time.perf_counter() - start:.0f}s)", file=sys.stderr, flush=True)
+    cells = quality.run_jobs(run_job, jobs, args.workers, start)
     records = [{"task": t.name, "noise": noise, "seeds": args.seeds, "steps": steps[t.name], "metric": t.metric.name,
                 "tie": t.metric.tie_text(), "results": {o.name: cells[t.name, noise, o.name] for o in OPTIMIZERS}}
                for t in tasks for noise in t.noises]
