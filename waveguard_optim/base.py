@@ -13,7 +13,7 @@ from torch import Tensor
 from ._compat import default_foreach
 from .denoise import claim_histories, record_and_filter
 from .history import COUNT_KEY, as_count, restore_history, split_checkpoint, unclaim
-from .kernels import fused_backend, fused_by_default
+from .kernels.dispatch import fused_backend, fused_by_default
 from .options import WAVE_DEFAULTS, buffer_dtype_name, check_wave_options, filter_options
 from .stats import wave_stats as _wave_stats
 
@@ -94,7 +94,7 @@ class WaveGuardMixin(torch.optim.Optimizer):
         """``(foreach, kernels)`` for this group: the eager path, or the fused kernel module to use.
 
         ``fused=True`` insists on a kernel; with neither option set, a kernel is used where one
-        is measured faster (``kernels.fused_by_default``) and otherwise torch's choice of foreach.
+        is measured faster (``kernels.dispatch.fused_by_default``) and otherwise torch's choice of foreach.
         """
         foreach, fused = group["foreach"], group["fused"]
         device = params[0].device

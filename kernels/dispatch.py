@@ -1,4 +1,9 @@
-"""Fused kernels of the WaveGuard step, shipped as ``waveguard_optim.kernels``.
+"""Which fused kernel runs where. The kernels ship as ``waveguard_optim.kernels``.
+
+The repo's top-level ``kernels/`` folder is that package's source, reached through the link
+``waveguard_optim/kernels``. It has no ``__init__.py`` on purpose: a regular package named
+``kernels`` at the repo root would shadow the ``kernels`` distribution (which ``transformers``
+imports) for anything run from the clone (``python -m pytest``, ``python -c``, a script).
 
 Each backend module offers ``fused_wave_adam_`` and ``fused_wave_sgd_`` with the arguments of
 :func:`waveguard_optim.denoise.record_and_filter` plus the update's: one pass records the
