@@ -12,6 +12,7 @@ import datetime
 import faulthandler
 import os
 import pathlib
+import signal
 import socket
 import time
 
@@ -28,34 +29,55 @@ pytestmark = pytest.mark.skipif(
 
 WORLD = 2
 STEPS = 10
-TIMEOUT_S = 50
+# Generous: a 2-core CI machine under load (~16) was measured to need more than 50 s for the
+# FSDP2 tests that take 8 s alone. WAVEGUARD_DIST_TIMEOUT overrides it.
+TIMEOUT_S = float(os.environ.get("WAVEGUARD_DIST_TIMEOUT", "300"))
 LR = 0.02
 WAVE = dict(buffer_size=4, decay=0.8)
 
 
-def _spawn(fn, out_dir: str) -> None:
-    """Run ``fn(rank, out_dir)`` on WORLD spawned processes; fail (and kill them) after TIMEOUT_S,
-    with the Python stacks that a hung worker dumped (see ``_init``)."""
-    context = mp.start_processes(fn, args=(out_dir,), nprocs=WORLD, join=False, start_method="spawn")
+def _spawn(body, out_dir: str) -> list:
+    """Run ``body(rank, out_dir)`` on WORLD spawned processes and return each rank's result.
+
+    A worker that is still running after TIMEOUT_S is asked for its Python stacks (SIGUSR1, see
+    ``_worker``), then killed, and the test fails saying it timed out, with every worker's stack."""
+    context = mp.start_processes(_worker, args=(body, out_dir), nprocs=WORLD, join=False, start_method="spawn")
     deadline = time.monotonic() + TIMEOUT_S
     while not context.join(timeout=1):  # raises if a worker raised
         if time.monotonic() > deadline:
-            for process in context.processes:
-                if process.is_alive():
-                    process.kill()
-            stacks = "\n".join(f"--- rank {r}:\n{_stacks_file(out_dir, r).read_text()}" for r in range(WORLD))
-            pytest.fail(f"distributed workers did not finish within {TIMEOUT_S} s\n{stacks}")
+            _fail_timed_out(context.processes, out_dir)
+    return [torch.load(_result_file(out_dir, rank)) for rank in range(WORLD)]
+
+
+def _fail_timed_out(processes, out_dir: str) -> None:
+    alive = [rank for rank, process in enumerate(processes) if process.is_alive()]
+    for rank in alive:
+        os.kill(processes[rank].pid, signal.SIGUSR1)
+    time.sleep(2)  # let faulthandler write the stacks
+    for process in processes:
+        if process.is_alive():
+            process.kill()
+    report = []
+    for rank, process in enumerate(processes):
+        stacks = _stacks_file(out_dir, rank)
+        text = stacks.read_text() if stacks.exists() else "(no stacks: it had not reached _worker yet)"
+        state = "still running" if rank in alive else f"exited with code {process.exitcode}"
+        report.append(f"--- rank {rank} ({state}):\n{text}")
+    pytest.fail(f"TIMEOUT: the distributed workers did not finish within {TIMEOUT_S:.0f} s\n" + "\n".join(report))
 
 
 def _stacks_file(out_dir: str, rank: int) -> pathlib.Path:
     return pathlib.Path(out_dir) / f"stacks_rank{rank}.txt"
 
 
-def _init(rank: int, out_dir: str) -> None:
-    # A watchdog: a worker still running after TIMEOUT_S - 10 s writes its Python stacks for
-    # _spawn's failure message. (The DDP test has hung now and then on this 2-core VM, before
-    # and after the C kernel, with a TCP or a file store: cause not found yet.)
-    faulthandler.dump_traceback_later(TIMEOUT_S - 10, file=_stacks_file(out_dir, rank).open("w"))
+def _result_file(out_dir: str, rank: int) -> pathlib.Path:
+    return pathlib.Path(out_dir) / f"result_rank{rank}.pt"
+
+
+def _worker(rank: int, body, out_dir: str) -> None:
+    """Join the gloo group, run ``body`` and save what it returns. ``body`` returns before the group
+    is destroyed, so its models and optimizers are freed while the peer is still there."""
+    faulthandler.register(signal.SIGUSR1, file=_stacks_file(out_dir, rank).open("w"), all_threads=True)
     if "lo" in {name for _, name in socket.if_nameindex()}:
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     torch.set_num_threads(1)
@@ -65,8 +87,13 @@ def _init(rank: int, out_dir: str) -> None:
         init_method=f"file://{os.path.join(out_dir, 'store')}",
         rank=rank,
         world_size=WORLD,
-        timeout=datetime.timedelta(seconds=TIMEOUT_S - 10),
+        # A collective that waits longer than this raises in the worker, before the test's deadline.
+        timeout=datetime.timedelta(seconds=TIMEOUT_S * 0.8),
     )
+    try:
+        torch.save(body(rank, out_dir), _result_file(out_dir, rank))
+    finally:
+        dist.destroy_process_group()
 
 
 def _model() -> torch.nn.Module:
@@ -108,27 +135,22 @@ def single_process(foreach) -> list[torch.Tensor]:
 # -- DDP -------------------------------------------------------------------------------------
 
 
-def _ddp_worker(rank: int, out_dir: str) -> None:
-    _init(rank, out_dir)
-    try:
-        results = {}
-        for kind in ("waveadam", "wrapped"):
-            for foreach in (None, False, True):  # None: the default path (the fused kernel where it runs)
-                model = torch.nn.parallel.DistributedDataParallel(_model())
-                opt = _make_optimizer(kind, model.parameters(), foreach)
-                for step in range(STEPS):
-                    opt.zero_grad()
-                    _loss(model, step, rank).backward()
-                    opt.step()
-                results[(kind, foreach)] = [p.detach().clone() for p in model.parameters()]
-        torch.save(results, os.path.join(out_dir, f"ddp_rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def _ddp_worker(rank: int, out_dir: str) -> dict:
+    results = {}
+    for kind in ("waveadam", "wrapped"):
+        for foreach in (None, False, True):  # None: the default path (the fused kernel where it runs)
+            model = torch.nn.parallel.DistributedDataParallel(_model())
+            opt = _make_optimizer(kind, model.parameters(), foreach)
+            for step in range(STEPS):
+                opt.zero_grad()
+                _loss(model, step, rank).backward()
+                opt.step()
+            results[(kind, foreach)] = [p.detach().clone() for p in model.parameters()]
+    return results
 
 
 def test_ddp_ranks_agree_with_single_process_on_mean_gradient(tmp_path):
-    _spawn(_ddp_worker, str(tmp_path))
-    ranks = [torch.load(tmp_path / f"ddp_rank{r}.pt") for r in range(WORLD)]
+    ranks = _spawn(_ddp_worker, str(tmp_path))
     for key, params in ranks[0].items():
         for other in ranks[1:]:
             assert all(torch.equal(a, b) for a, b in zip(params, other[key])), key  # identical on every rank
@@ -148,40 +170,35 @@ def _fully_shard():
     return fully_shard
 
 
-def _fsdp_worker(rank: int, out_dir: str) -> None:
+def _fsdp_worker(rank: int, out_dir: str) -> dict:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor
 
     fully_shard = _fully_shard()
-    _init(rank, out_dir)
-    try:
-        mesh = init_device_mesh("cpu", (WORLD,))
-        results = {}
-        for kind in ("waveadam", "wrapped"):
-            for foreach in (None, False, True):  # None: the default path (the fused kernel where it runs)
-                model = _model()
-                for layer in (model[0], model[2], model):
-                    fully_shard(layer, mesh=mesh)
-                opt = _make_optimizer(kind, model.parameters(), foreach)
-                for step in range(STEPS):
-                    opt.zero_grad()
-                    _loss(model, step, rank).backward()
-                    opt.step()
-                for p in model.parameters():  # sharded history: DTensors laid out like the parameter
-                    slot = opt.state[p]["wave_history_0"]
-                    assert isinstance(p, DTensor) and isinstance(slot, DTensor)
-                    assert slot.placements == p.placements and slot.to_local().shape == p.to_local().shape
-                    assert opt.state[p]["wave_count"] == STEPS
-                results[(kind, foreach)] = [p.full_tensor().detach().clone() for p in model.parameters()]
-        torch.save(results, os.path.join(out_dir, f"fsdp_rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    mesh = init_device_mesh("cpu", (WORLD,))
+    results = {}
+    for kind in ("waveadam", "wrapped"):
+        for foreach in (None, False, True):  # None: the default path (the fused kernel where it runs)
+            model = _model()
+            for layer in (model[0], model[2], model):
+                fully_shard(layer, mesh=mesh)
+            opt = _make_optimizer(kind, model.parameters(), foreach)
+            for step in range(STEPS):
+                opt.zero_grad()
+                _loss(model, step, rank).backward()
+                opt.step()
+            for p in model.parameters():  # sharded history: DTensors laid out like the parameter
+                slot = opt.state[p]["wave_history_0"]
+                assert isinstance(p, DTensor) and isinstance(slot, DTensor)
+                assert slot.placements == p.placements and slot.to_local().shape == p.to_local().shape
+                assert opt.state[p]["wave_count"] == STEPS
+            results[(kind, foreach)] = [p.full_tensor().detach().clone() for p in model.parameters()]
+    return results
 
 
 @pytest.mark.skipif(_fully_shard() is None, reason="torch.distributed.fsdp.fully_shard (FSDP2) is not available")
 def test_fsdp2_sharded_history_matches_unsharded(tmp_path):
-    _spawn(_fsdp_worker, str(tmp_path))
-    ranks = [torch.load(tmp_path / f"fsdp_rank{r}.pt") for r in range(WORLD)]
+    ranks = _spawn(_fsdp_worker, str(tmp_path))
     for key, params in ranks[0].items():
         assert all(torch.equal(a, b) for a, b in zip(params, ranks[1][key])), key
         expected = single_process(foreach=key[1])
@@ -263,44 +280,39 @@ def test_dcp_resume_is_bit_identical(tmp_path, kind, route):
         assert torch.equal(a, b)
 
 
-def _fsdp_dcp_worker(rank: int, out_dir: str) -> None:
+def _fsdp_dcp_worker(rank: int, out_dir: str) -> dict:
     from torch.distributed.device_mesh import init_device_mesh
 
     fully_shard = _fully_shard()
-    _init(rank, out_dir)
-    try:
-        mesh = init_device_mesh("cpu", (WORLD,))
+    mesh = init_device_mesh("cpu", (WORLD,))
 
-        def sharded(kind):
-            model = _model()
-            for layer in (model[0], model[2], model):
-                fully_shard(layer, mesh=mesh)
-            return model, _dcp_optimizer(kind, model.parameters())
+    def sharded(kind):
+        model = _model()
+        for layer in (model[0], model[2], model):
+            fully_shard(layer, mesh=mesh)
+        return model, _dcp_optimizer(kind, model.parameters())
 
-        results = {}
-        for kind in ("waveadam", "wrapped"):
-            path = os.path.join(out_dir, f"ckpt_{kind}")
-            model, opt = sharded(kind)
-            _steps(model, opt, 0, SAVE_AT, rank)
-            _dcp_save("sharded", model, opt, path)
-            _steps(model, opt, SAVE_AT, STEPS, rank)
-            resumed, resumed_opt = sharded(kind)
-            _dcp_load("sharded", resumed, resumed_opt, path)
-            _steps(resumed, resumed_opt, SAVE_AT, STEPS, rank)
-            results[kind] = [
-                (p.full_tensor().detach().clone(), q.full_tensor().detach().clone())
-                for p, q in zip(model.parameters(), resumed.parameters())
-            ]
-        torch.save(results, os.path.join(out_dir, f"fsdp_dcp_rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    results = {}
+    for kind in ("waveadam", "wrapped"):
+        path = os.path.join(out_dir, f"ckpt_{kind}")
+        model, opt = sharded(kind)
+        _steps(model, opt, 0, SAVE_AT, rank)
+        _dcp_save("sharded", model, opt, path)
+        _steps(model, opt, SAVE_AT, STEPS, rank)
+        resumed, resumed_opt = sharded(kind)
+        _dcp_load("sharded", resumed, resumed_opt, path)
+        _steps(resumed, resumed_opt, SAVE_AT, STEPS, rank)
+        results[kind] = [
+            (p.full_tensor().detach().clone(), q.full_tensor().detach().clone())
+            for p, q in zip(model.parameters(), resumed.parameters())
+        ]
+    return results
 
 
 @pytest.mark.skipif(_fully_shard() is None, reason="torch.distributed.fsdp.fully_shard (FSDP2) is not available")
 def test_fsdp2_dcp_resume_is_bit_identical(tmp_path):
-    _spawn(_fsdp_dcp_worker, str(tmp_path))
-    for rank in range(WORLD):
-        for kind, pairs in torch.load(tmp_path / f"fsdp_dcp_rank{rank}.pt").items():
+    for rank, results in enumerate(_spawn(_fsdp_dcp_worker, str(tmp_path))):
+        for kind, pairs in results.items():
             for straight, resumed in pairs:
                 assert torch.equal(straight, resumed), (rank, kind)
 
@@ -308,26 +320,21 @@ def test_fsdp2_dcp_resume_is_bit_identical(tmp_path):
 # -- ZeroRedundancyOptimizer -----------------------------------------------------------------
 
 
-def _zero_worker(rank: int, out_dir: str) -> None:
+def _zero_worker(rank: int, out_dir: str) -> list:
     from torch.distributed.optim import ZeroRedundancyOptimizer
 
-    _init(rank, out_dir)
-    try:
-        model = torch.nn.parallel.DistributedDataParallel(_model())
-        opt = ZeroRedundancyOptimizer(
-            model.parameters(), optimizer_class=WaveAdam, lr=LR, weight_decay=0.1, decoupled_weight_decay=True,
-            foreach=False, **WAVE,
-        )  # fmt: skip
-        _steps(model, opt, 0, STEPS, rank)
-        torch.save([p.detach().clone() for p in model.parameters()], os.path.join(out_dir, f"zero_rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    model = torch.nn.parallel.DistributedDataParallel(_model())
+    opt = ZeroRedundancyOptimizer(
+        model.parameters(), optimizer_class=WaveAdam, lr=LR, weight_decay=0.1, decoupled_weight_decay=True,
+        foreach=False, **WAVE,
+    )  # fmt: skip
+    _steps(model, opt, 0, STEPS, rank)
+    return [p.detach().clone() for p in model.parameters()]
 
 
 def test_zero_redundancy_optimizer_with_waveadam_matches_single_process(tmp_path):
     """Each rank steps WaveAdam on its shard of the parameters, then ZeRO broadcasts them."""
-    _spawn(_zero_worker, str(tmp_path))
     expected = single_process(foreach=False)
-    for rank in range(WORLD):
-        for got, want in zip(torch.load(tmp_path / f"zero_rank{rank}.pt"), expected, strict=True):
+    for got_params in _spawn(_zero_worker, str(tmp_path)):
+        for got, want in zip(got_params, expected, strict=True):
             torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
