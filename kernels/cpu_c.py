@@ -45,10 +45,10 @@ import sys
 import tempfile
 import threading
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
+from waveguard_optim._warnings import warn
 from waveguard_optim.filter import filter_weights, median_network
 
 # ---------------------------------------------------------------------------------------
@@ -504,7 +504,7 @@ _warned_cache: set[str] = set()
 def _warn_once(message: str) -> None:
     if message not in _warned_cache:
         _warned_cache.add(message)
-        warnings.warn(f"waveguard_optim: {message}", stacklevel=3)
+        warn(message)
 
 
 def _cc_timeout() -> float:

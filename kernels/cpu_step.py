@@ -49,7 +49,6 @@ import math
 import operator
 import os
 import threading
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Sequence
 from typing import Any
@@ -58,6 +57,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from waveguard_optim._warnings import warn
 from waveguard_optim.filter import compute_dtype, filter_weights, fold_filter, threshold_scale_factor
 from waveguard_optim.kernels import cpu_c
 from waveguard_optim.kernels._checks import check_state_dtypes, check_step_memory, check_steps
@@ -92,10 +92,9 @@ def _resolve_backend(backend: str | None) -> str:
             return "c"
         if not _warned_no_compiler:
             _warned_no_compiler.append(True)
-            warnings.warn(
-                "waveguard_optim: no C compiler found (cc, gcc, clang or $CC), so the fused CPU step runs as "
-                "torch ops, about 10x slower; install one, or set WAVEGUARD_CPU_BACKEND=torch to choose this",
-                stacklevel=4,
+            warn(
+                "no C compiler found (cc, gcc, clang or $CC), so the fused CPU step runs as "
+                "torch ops, about 10x slower; install one, or set WAVEGUARD_CPU_BACKEND=torch to choose this"
             )
         return "torch"
     if choice not in _BACKENDS:
@@ -330,7 +329,7 @@ def _c_kernel(algo: str, options: dict[str, bool], pkind: str, skind: str, n: in
         if required:
             raise RuntimeError(f"The fused CPU kernel {key} cannot be built ({_short(err)}); fix $CC, or set WAVEGUARD_CPU_BACKEND=torch") from err
         _broken_variants.add(key)
-        warnings.warn(f"waveguard_optim: fused CPU kernel {key} unavailable ({_short(err)}); using the torch back end", stacklevel=4)
+        warn(f"fused CPU kernel {key} unavailable ({_short(err)}); using the torch back end")
         return None
 
 

@@ -15,6 +15,7 @@ caches it on disk; the cases share variants where they can.
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 import sys
 import warnings
@@ -482,6 +483,19 @@ def test_without_a_compiler_the_torch_back_end_runs(monkeypatch: pytest.MonkeyPa
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         run_case(Case("adam", sizes=(7, 300), starts=(0, 1), options=dict(amsgrad=True)), None)
+
+
+def test_library_warnings_name_the_callers_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A warning raised deep inside the step (here: no compiler) is attributed to the user's
+    ``opt.step()`` line, not to a line of waveguard_optim or torch.optim."""
+    monkeypatch.setattr(cpu_c, "find_compiler", lambda: None)
+    monkeypatch.setattr(cpu_step, "_warned_no_compiler", [])
+    p = torch.nn.Parameter(torch.randn(5))
+    p.grad = torch.randn(5)
+    opt = WaveAdam([p])
+    with pytest.warns(UserWarning, match="no C compiler found") as caught:
+        opt.step(); line = inspect.currentframe().f_lineno  # noqa: E702 - the warning must name this line
+    assert (caught[0].filename, caught[0].lineno) == (__file__, line)
 
 
 def test_environment_variable_picks_the_back_end(monkeypatch: pytest.MonkeyPatch) -> None:
