@@ -43,6 +43,8 @@ def _resolve_from_root(name: str, pythonpath: str | None = None) -> str:
 
 def test_the_repo_root_has_the_folders_this_test_guards() -> None:
     """The guard below must see the folders that once shadowed (``kernels``) and the others."""
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout: an sdist has no top-level kernels/ (its copy is inside the package)")
     assert {"kernels", "bench", "tests"} <= set(_importable_top_level_names())
 
 
@@ -69,7 +71,8 @@ def test_installed_kernels_distribution_is_what_the_tests_import() -> None:
 
 
 def test_the_library_reaches_its_kernels_through_its_own_package() -> None:
-    """``waveguard_optim.kernels`` is the repo's ``kernels/`` folder (the link), not the installed one."""
+    """``waveguard_optim.kernels`` is the checkout's own (in a clone, the link to ``kernels/``),
+    not the installed ``kernels``."""
     from waveguard_optim.kernels import dispatch
 
-    assert Path(dispatch.__file__).resolve() == ROOT / "kernels" / "dispatch.py"
+    assert Path(dispatch.__file__).resolve() == (ROOT / "waveguard_optim" / "kernels" / "dispatch.py").resolve()
