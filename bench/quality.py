@@ -184,11 +184,15 @@ def ci_verdict(metric, mine, base):
     return "better" if hi < blo else "worse" if lo > bhi else "overlap"
 
 
+def fmt_mean(metric, mean, n):
+    return f"{round(mean * n)}/{n}" if metric.count else metric.fmt.format(mean)
+
+
 def fmt_mean_ci(metric, ci, n):
     mean, lo, hi = ci
     if metric.count:
-        return f"{round(mean * n)}/{n} [{lo:.2f}, {hi:.2f}]"
-    return f"{metric.fmt.format(mean)} [{metric.fmt.format(lo)}, {metric.fmt.format(hi)}]"
+        return f"{fmt_mean(metric, mean, n)} [{lo:.2f}, {hi:.2f}]"
+    return f"{fmt_mean(metric, mean, n)} [{metric.fmt.format(lo)}, {metric.fmt.format(hi)}]"
 
 
 def fmt_lr(res):
@@ -365,6 +369,17 @@ def report(run, out):
         plot_curves(task, task_records, out / f"{task.name}.png")
         if not quick:
             plot_lr(task, task_records, out / f"{task.name}-lr.png")
+    if quick:
+        smoke_report(records)
+    else:
+        full_report(run, tasks)
+    print(f"\nRuntime {run['runtime_s']:.0f}s. Results and plots in {out}/")
+    (out / "quality.json").write_text(json.dumps(finite_or_str(run), indent=1, ensure_ascii=False))
+
+
+def full_report(run, tasks):
+    """The main table, the same-lr table and the goals of a full (tuned) run."""
+    records = run["records"]
     seeds = {r["task"]: r["seeds"] for r in records}
     print(table(records))
     print("\nW/T/L per seed: against Adam for the Adam family, SGD for WaveSGD, and 'vs ablation' "
@@ -372,18 +387,64 @@ def report(run, out):
           + "; ".join(f"{t.name}: {t.metric.tie_text()}" for t in tasks) + "). CIs: 'better'/'worse' "
           "when the two 95% bootstrap intervals of the mean do not overlap. lr: tuned on seeds "
           f"{TUNE_SEEDS[0]}..{TUNE_SEEDS[-1]}, (↑k/↓k) = grid widened k steps, 'edge' = still at the edge "
-          f"after {MAX_WIDEN}{' (no sweep in --quick)' if quick else ''}. Evaluation seeds 0..n-1, n = "
+          f"after {MAX_WIDEN}. Evaluation seeds 0..n-1, n = "
           + ", ".join(f"{t.name} {seeds[t.name]}" for t in tasks) + f". SGD momentum {MOMENTUM}.")
-    if not quick:
-        rows = [row for rec in records for row in same_lr_rows(rec, TASK_BY_NAME[rec["task"]].metric)]
-        print("\nSame-lr drop-in: mean metric at every lr Adam ran (W/T/L per seed against Adam at that lr)\n")
-        print(markdown(["task", "noise", "lr", "Adam"] + list(DROP_IN), rows))
-        run["goals"] = goals(records)
-        print("\nGoals (issue 10):")
-        for goal, verdict in run["goals"].items():
-            print(f"- {goal}: {verdict}")
-    print(f"\nRuntime {run['runtime_s']:.0f}s. Results and plots in {out}/")
-    (out / "quality.json").write_text(json.dumps(finite_or_str(run), indent=1, ensure_ascii=False))
+    rows = [row for rec in records for row in same_lr_rows(rec, TASK_BY_NAME[rec["task"]].metric)]
+    print("\nSame-lr drop-in: mean metric at every lr Adam ran (W/T/L per seed against Adam at that lr)\n")
+    print(markdown(["task", "noise", "lr", "Adam"] + list(DROP_IN), rows))
+    run["goals"] = goals(records)
+    print("\nGoals (issue 10):")
+    for goal, verdict in run["goals"].items():
+        print(f"- {goal}: {verdict}")
+
+
+SMOKE_BANNER = ("SMOKE RUN (--quick): it checks that every task and optimizer runs, with no lr tuning (the "
+                "middle lr of each grid), 3 seeds and ~10x fewer steps. Its numbers are no evidence for or "
+                "against WaveGuard; the verdict is the full run's.")
+
+
+def smoke_report(records):
+    """The quick run's table, without verdict columns (3 untuned seeds cannot carry one) and
+    without the cells where every optimizer scored the same on every seed."""
+    same = [r for r in records if len({tuple(res["per_seed"]) for res in r["results"].values()}) == 1]
+    rows = [[rec["task"], rec["noise"]] + [fmt_mean(TASK_BY_NAME[rec["task"]].metric, rec["results"][o.name]["mean_ci"][0], rec["seeds"])
+                                           for o in OPTIMIZERS] for rec in records if rec not in same]
+    print("\n" + SMOKE_BANNER + " Mean of 3 seeds at the middle lr of each grid:\n")
+    print(markdown(["task", "noise"] + [o.name for o in OPTIMIZERS], rows))
+    if same:
+        print("\nLeft out (every optimizer scored the same on every seed): "
+              + ", ".join(f"{r['task']} {r['noise']} ({fmt_mean(TASK_BY_NAME[r['task']].metric, next(iter(r['results'].values()))['mean_ci'][0], r['seeds'])})" for r in same))
+    print("\nThe full run's verdict is printed above this run's progress; it is the one to read.")
+
+
+COMMITTED_RUN = Path(__file__).resolve().parent / "results" / "quality" / "quality.json"
+VERDICT_PAIRS = (("WaveAdam", "Adam"), ("WaveSGD", "SGD"))
+
+
+def committed_verdict(path=COMMITTED_RUN):
+    """The verdict of the committed full run (lr tuned per optimizer, 10-20 seeds): each
+    WaveGuard optimizer against its own baseline, cell by cell, with a one-line count."""
+    run = restore_floats(json.loads(path.read_text()))
+    records = run["records"]
+    analyse(records)
+    rows, counts = [], {}
+    for rec in records:
+        row = [rec["task"], rec["noise"]]
+        for mine, base in VERDICT_PAIRS:
+            res = rec["results"][mine]
+            counts.setdefault(mine, []).append(res["ci_vs"][base])
+            row += [res["summary"], rec["results"][base]["summary"],
+                    "/".join(map(str, res["wtl"][base])) + ", " + res["ci_vs"][base]]
+        rows.append(row)
+    head = ["task", "noise"] + [c for mine, base in VERDICT_PAIRS for c in (mine, base, f"W/T/L, CIs vs {base}")]
+    summary = "; ".join(f"{mine} vs {base}: better in {counts[mine].count('better')}, worse in "
+                        f"{counts[mine].count('worse')}, overlapping in {counts[mine].count('overlap')} of {len(records)} cells"
+                        for mine, base in VERDICT_PAIRS)
+    seeds = sorted({r["seeds"] for r in records})
+    print(f"VERDICT of the committed full run (`{run['command']}`, torch {run['torch']}, lr tuned per optimizer, "
+          f"{'-'.join(map(str, (seeds[0], seeds[-1])))} seeds, bench/results/quality/quality.json):\n{summary}.\n")
+    print(markdown(head, rows))
+    print("\nW/T/L per seed; 'better'/'worse': the two 95% bootstrap intervals of the mean do not overlap.\n")
 
 
 def run_jobs(run, jobs, workers, start):
@@ -402,7 +463,7 @@ def run_jobs(run, jobs, workers, start):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true",
-                    help="smoke test: 3 seeds, ~10x fewer steps, the middle lr of each grid, no sweep")
+                    help="smoke run: 3 seeds, ~10x fewer steps, the middle lr of each grid, no sweep; prints the full-run verdict first")
     ap.add_argument("--seeds", type=int,
                     help="number of evaluation seeds (default: the task's, 20 for xor and 10 elsewhere; 3 with --quick)")
     ap.add_argument("--out", type=Path,
@@ -414,7 +475,10 @@ def main():
     args = ap.parse_args()
     out = args.out or Path("bench/results/quality" + ("-quick" if args.quick else ""))
     if args.replot:
-        report(restore_floats(json.loads((out / "quality.json").read_text())), out)
+        run = restore_floats(json.loads((out / "quality.json").read_text()))
+        if run["quick"]:
+            committed_verdict()
+        report(run, out)
         return
 
     def n_seeds(task):
@@ -426,6 +490,9 @@ def main():
     tasks = [t for t in TASKS if t.name in wanted]
     out.mkdir(parents=True, exist_ok=True)
 
+    if args.quick:
+        committed_verdict()
+        print(SMOKE_BANNER + " Running it now (progress on stderr)...\n", flush=True)
     start = time.perf_counter()
     # The costliest tasks (last in TASKS) first, so that the last jobs to finish are short ones.
     jobs = [(t.name, noise, o.name, n_seeds(t), args.quick) for t in reversed(tasks) for noise in t.noises
