@@ -112,7 +112,7 @@ def test_a_huge_finite_gradient_keeps_the_parameters_finite(path_name, buffer_dt
 
 
 @pytest.mark.parametrize("path", PATHS.values(), ids=PATHS.keys())
-@pytest.mark.parametrize("amsgrad,maximize,weight_decay,decoupled", itertools.product([False, True], repeat=4))
+@pytest.mark.parametrize("amsgrad,maximize,weight_decay,decoupled", list(itertools.product([False, True], repeat=4)))
 def test_wave_adam_options_match_reference(path, amsgrad, maximize, weight_decay, decoupled):
     opts = dict(lr=0.02, amsgrad=amsgrad, weight_decay=0.1 * weight_decay, decoupled_weight_decay=decoupled)
     got, expected = run_pair(

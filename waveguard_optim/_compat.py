@@ -3,6 +3,7 @@
 from torch import Tensor
 from torch.optim.adam import adam as adam_functional
 from torch.optim.optimizer import (
+    Optimizer,
     _get_foreach_kernels_supported_devices,
     _use_grad_for_differentiable,
 )
@@ -13,6 +14,13 @@ def default_foreach(params: list[Tensor]) -> bool:
     """torch's meaning of ``foreach=None``: the multi-tensor path where torch has foreach kernels."""
     devices = _get_foreach_kernels_supported_devices()
     return all(p.device.type in devices for p in params)
+
+
+def graph_capture_health_check(optimizer: Optimizer) -> None:
+    """torch's check that a capturable optimizer is safe to capture in a CUDA graph: named
+    ``_cuda_graph_capture_health_check`` up to torch 2.9, ``_accelerator_...`` since."""
+    check = getattr(optimizer, "_accelerator_graph_capture_health_check", None)
+    (check or optimizer._cuda_graph_capture_health_check)()
 
 
 def marked_static_by_dynamo(t: Tensor) -> bool:
@@ -26,5 +34,6 @@ __all__ = [
     "adam_functional",
     "sgd_functional",
     "default_foreach",
+    "graph_capture_health_check",
     "_use_grad_for_differentiable",
 ]

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._compat import _use_grad_for_differentiable, adam_functional
+from ._compat import _use_grad_for_differentiable, adam_functional, graph_capture_health_check
 from .base import WaveGuardMixin
 
 
@@ -71,7 +71,7 @@ class WaveAdam(WaveGuardMixin, torch.optim.Adam):
     @_use_grad_for_differentiable
     def step(self, closure=None):  # type: ignore[override]
         """Perform a single optimization step; ``closure`` re-evaluates the model and returns the loss."""
-        self._accelerator_graph_capture_health_check()
+        graph_capture_health_check(self)
         loss = None
         if closure is not None:
             with torch.enable_grad():
