@@ -94,7 +94,7 @@ def _resolve_backend(backend: str | None) -> str:
             _warned_no_compiler.append(True)
             warn(
                 "no C compiler found (cc, gcc, clang or $CC), so the fused CPU step runs as "
-                "torch ops, about 10x slower; install one, or set WAVEGUARD_CPU_BACKEND=torch to choose this"
+                "torch ops, 9-35x slower (README, Requirements); install one, or set WAVEGUARD_CPU_BACKEND=torch to choose this"
             )
         return "torch"
     if choice not in _BACKENDS:
