@@ -80,6 +80,8 @@ def test_shell_blocks_name_only_what_exists() -> None:
 
 def test_the_readme_test_command_is_what_ci_runs() -> None:
     """CI runs the README's test command verbatim (the line after '# 2. install and run the tests')."""
+    if not (ROOT / ".ci" / "run").is_file():
+        pytest.skip("no .ci/run here (an sdist carries the README, not the CI script)")
     block = next(b for b in SHELL if "python -m pytest" in b)
     command = next(line for line in block.splitlines() if "python -m pytest" in line)
     assert command in (ROOT / ".ci" / "run").read_text().splitlines()
