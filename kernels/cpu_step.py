@@ -180,12 +180,11 @@ def _exact_reciprocal(scale: float | None) -> bool:
 
 def _common_scalars(scale: float | None, maximize: bool, constants: tuple[Any, ...], pdtype: torch.dtype) -> dict[str, float]:
     """The run-time scalars every kernel takes (see ``cpu_c.SCALARS``)."""
-    finfo = torch.finfo(compute_dtype(pdtype))
     sign = -1.0 if maximize else 1.0
     return dict(
         ginv=sign if scale is None else sign / scale,  # exact: the kernel is used for powers of two only
         tscale=constants[2],  # kappa * sqrt(2 ln N) / 0.6745
-        TINY=finfo.smallest_normal * finfo.eps,  # the gate's floor under E_c + E_f, as in fold_filter
+        TINY=torch.finfo(compute_dtype(pdtype)).smallest_normal,  # the gate's floor under E_c + E_f, as in filter._gate
         threshold=float(constants[3]),  # thresholding on
     )
 

@@ -348,3 +348,27 @@ def test_deepcopy_and_param_groups_with_their_own_options():
     with pytest.raises(ValueError, match="buffer_size"):
         opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))], "buffer_size": 3})
     assert len(opt.param_groups) == 2
+
+
+@pytest.mark.parametrize("path_name", CPU_PATHS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("cls,torch_cls,options", [(WaveAdam, torch.optim.Adam, dict(lr=0.01)), (WaveSGD, torch.optim.SGD, dict(lr=0.05, momentum=0.9))])
+def test_flush_denormal_gives_no_nan_where_the_window_is_all_zero(path_name, dtype, cls, torch_cls, options, monkeypatch):
+    """Issue 17, item 2: under torch.set_flush_denormal(True) a subnormal floor under the gate's
+    E_c + E_f flushed to 0, and elements whose last N gradients are all 0 (every 4th one of the
+    'mixed' gradients) became 0/0 = NaN. SPEC section 3: gamma = 0 there."""
+    path = path_options(path_name, monkeypatch)
+    ref_params = make_params(dtype)
+    expected = train(ref_params, ReferenceWave(ref_params, torch_cls, buffer_size=4, **options), 10)
+    plain_params = make_params(dtype)
+    plain = train(plain_params, cls(plain_params, buffer_size=4, **options, **path), 10)
+    params = make_params(dtype)
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush denormals")
+    try:
+        got = train(params, cls(params, buffer_size=4, **options, **path), 10)
+    finally:
+        torch.set_flush_denormal(False)
+    assert not any(p.isnan().any() for p in got)
+    assert all(torch.equal(a, b) for a, b in zip(got, plain))  # no subnormal arises here: flushing changes nothing
+    assert_same(got, expected, dtype)
