@@ -372,3 +372,53 @@ def test_flush_denormal_gives_no_nan_where_the_window_is_all_zero(path_name, dty
     assert not any(p.isnan().any() for p in got)
     assert all(torch.equal(a, b) for a, b in zip(got, plain))  # no subnormal arises here: flushing changes nothing
     assert_same(got, expected, dtype)
+
+
+def _interrupt_once(monkeypatch, owner, name, at_call):
+    """Make ``owner.name`` raise KeyboardInterrupt on its ``at_call``-th call (from 0), once."""
+    real, calls = getattr(owner, name), []
+
+    def interrupted(*args, **kwargs):
+        calls.append(None)
+        if len(calls) == at_call + 1:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, interrupted)
+
+
+@pytest.mark.parametrize("path_name", ["default", "cpu-torch"])
+@pytest.mark.parametrize("where", ["compile", "first step", "warm step"])
+@pytest.mark.parametrize("cls,options", [(WaveAdam, dict(lr=0.01)), (WaveSGD, dict(lr=0.05, momentum=0.9))])
+def test_an_interrupted_fused_step_is_rolled_back(path_name, where, cls, options, tmp_path, monkeypatch):
+    """Issue 17, item 3: Ctrl-C (KeyboardInterrupt, not an Exception) during the first step's
+    compile or a warm step left the ring advanced with nothing recorded. Interrupted once, then
+    repeated, the run equals an uninterrupted one exactly."""
+    from waveguard_optim.kernels import cpu_c, cpu_step
+
+    path = path_options(path_name, monkeypatch)
+    if where == "compile":
+        if path_name != "default" or cpu_c.find_compiler() is None:
+            pytest.skip("the compile is the C back end's")
+        monkeypatch.setenv("WAVEGUARD_CACHE_DIR", str(tmp_path))  # a cold cache: the first step compiles
+        monkeypatch.setattr(cpu_c, "_LOADED", {})
+    expected_params = make_params()
+    expected = train(expected_params, cls(expected_params, buffer_size=4, **options, **path), 10)
+    if where == "compile":
+        _interrupt_once(monkeypatch, cpu_c, "_build", 0)
+        monkeypatch.setattr(cpu_c, "_LOADED", {})
+    else:
+        _interrupt_once(monkeypatch, cpu_step, "_resolve_backend", 0 if where == "first step" else 6)
+    params = make_params()
+    opt = cls(params, buffer_size=4, **options, **path)
+    step = 0
+    while step < 10:
+        for i, p in enumerate(params):
+            p.grad = gradient(p, step, seed=i)
+        try:
+            opt.step()
+        except KeyboardInterrupt:
+            continue  # the same step again
+        step += 1
+    assert all(torch.equal(a, b) for a, b in zip(params, expected))
+    assert all(opt.state[p]["wave_count"].item() == 10 for p in params)

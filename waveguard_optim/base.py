@@ -121,13 +121,14 @@ class WaveGuardMixin(torch.optim.Optimizer):
     def _fused_step(self, group: dict[str, Any], params: list[Tensor], run: Callable[[list[list[Tensor]], list[bool]], None]) -> None:
         """Claim the ring slots and ``run(histories, full)`` the kernel. A kernel refuses what it
         cannot take (a dtype, a missing back end) before it writes anything; the claims are
-        then undone, so a failed step leaves the wave state as it was."""
+        then undone, so a failed step leaves the wave state as it was. So does an interrupted one
+        (Ctrl-C during the first step's compile): any ``BaseException`` is rolled back and re-raised."""
         states = [self.state[p] for p in params]
         had_history = [COUNT_KEY in st for st in states]
         histories, full = self._claim(group, params, states)
         try:
             run(histories, full)
-        except Exception:
+        except BaseException:
             unclaim(states, had_history, group["buffer_size"])
             raise
 
