@@ -422,3 +422,30 @@ def test_an_interrupted_fused_step_is_rolled_back(path_name, where, cls, options
         step += 1
     assert all(torch.equal(a, b) for a, b in zip(params, expected))
     assert all(opt.state[p]["wave_count"].item() == 10 for p in params)
+
+
+TENSOR_HYPERS = {
+    "betas": dict(lr=0.01, betas=(torch.tensor(0.9), torch.tensor(0.999))),
+    "lr": dict(lr=torch.tensor(0.01)),
+    "both+decoupled": dict(lr=torch.tensor(0.003), betas=(torch.tensor(0.8), torch.tensor(0.99)), weight_decay=0.1, decoupled_weight_decay=True),
+    "lr+l2": dict(lr=torch.tensor(0.02), weight_decay=0.1),
+    "small betas": dict(lr=0.01, betas=(torch.tensor(0.3), torch.tensor(0.45))),
+}
+
+
+@pytest.mark.parametrize("path_name", ["single", "default", "cpu-torch"])  # torch's foreach Adam refuses Tensor lr and betas
+@pytest.mark.parametrize("hypers", TENSOR_HYPERS.values(), ids=TENSOR_HYPERS.keys())
+def test_tensor_betas_and_lr_are_torch_adams_bit_for_bit(path_name, hypers, monkeypatch):
+    """Issue 17, item 4: with Tensor betas or lr torch computes the bias corrections, step size and
+    1 - beta in float32 tensor arithmetic; the C kernel did it in double (up to ~22 ulp apart)."""
+    path = path_options(path_name, monkeypatch)
+    make = lambda: [torch.nn.Parameter(p.detach().contiguous()) for p in make_params()]  # noqa: E731
+    params, torch_params = make(), make()
+    opt = WaveAdam(params, buffer_size=4, **IDENTITY, **hypers, **path)
+    reference = torch.optim.Adam(torch_params, **hypers, foreach=False)  # torch's CPU default
+    for step in range(8):
+        for i, (p, q) in enumerate(zip(params, torch_params)):
+            p.grad = q.grad = gradient(p, step, seed=i)
+        opt.step()
+        reference.step()
+        assert all(torch.equal(a, b) for a, b in zip(params, torch_params)), step
