@@ -68,11 +68,19 @@ class WaveGuardMixin(torch.optim.Optimizer):
 
         The history comes back with its own dtype (torch would cast it to the parameter's);
         a torch checkpoint starts the history empty; a malformed history is refused with a
-        ``ValueError`` before anything changes.
+        ``ValueError`` before anything changes. When torch's own load raises (a ``step`` of
+        ``'1'``: torch half-applies then), the optimizer's state and param groups are put back.
         """
         torch_part, wave_part = split_checkpoint(self.param_groups, state_dict, WAVE_DEFAULTS)
-        super().load_state_dict(torch_part)
-        restore_history(self.state, wave_part)
+        # torch builds a new state and new groups and installs them (__setstate__); the old ones
+        # are not modified, so holding on to them is a snapshot.
+        before = {name: self.__dict__[name] for name in ("state", "param_groups")}
+        try:
+            super().load_state_dict(torch_part)
+            restore_history(self.state, wave_part)
+        except BaseException:
+            self.__dict__.update(before)
+            raise
 
     def wave_stats(self) -> list[dict[str, float]]:
         """Per param group summaries of the filter's last step, as plain floats: ``filtered``,

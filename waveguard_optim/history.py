@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .kernels._checks import byte_span, overlaps_itself
+from .kernels._checks import byte_span, check_memory, overlaps_itself
 from .options import BUFFER_DTYPES, check_wave_options
 
 COUNT_KEY = "wave_count"
@@ -150,6 +150,22 @@ def _placed(wave_state: Mapping[Tensor, Mapping[str, Any]]) -> dict[Tensor, dict
     return out
 
 
+def _refuse_shared(placed: Mapping[Tensor, Mapping[str, Any]], others: list[Tensor]) -> None:
+    """Refuse slots that share memory with another state tensor of the checkpoint (``exp_avg``,
+    ...) or a parameter: a step writes both in place (the kernels would refuse every step; the
+    eager path would train on the mixed values). Slots among themselves were made distinct by
+    ``_placed``."""
+    slots = [v for wave in placed.values() for k, v in wave.items() if k != COUNT_KEY]
+    try:
+        check_memory("checkpoint", dict(wave_history=slots), dict(other_tensors=others))
+    except RuntimeError as err:
+        message = str(err).split(";")[0]
+        raise ValueError(
+            f"Refusing checkpoint: a WaveGuard history slot shares memory with another state tensor or a parameter "
+            f"({message}). The optimizer was left unchanged."
+        ) from None
+
+
 def split_checkpoint(
     param_groups: list[dict[str, Any]], state_dict: Mapping[str, Any], wave_defaults: Mapping[str, Any]
 ) -> tuple[dict[str, Any], dict[Tensor, dict[str, Any]]]:
@@ -192,7 +208,10 @@ def split_checkpoint(
                 )
             wave_state[p] = wave
         state[pid] = {k: v for k, v in p_state.items() if not is_wave_key(k)}
-    return {**state_dict, "state": state, "param_groups": groups}, _placed(wave_state)
+    placed = _placed(wave_state)
+    others = [v for p_state in state.values() for v in p_state.values() if isinstance(v, Tensor)]
+    _refuse_shared(placed, others + [p for group in param_groups for p in group["params"]])
+    return {**state_dict, "state": state, "param_groups": groups}, placed
 
 
 def restore_history(state: Mapping[Tensor, dict[str, Any]], wave_state: Mapping[Tensor, Mapping[str, Any]]) -> None:
