@@ -334,7 +334,9 @@ def _c_kernel(algo: str, options: dict[str, bool], pkind: str, skind: str, n: in
         return None
     try:
         return cpu_c.get_kernel(algo, n, pkind, skind, switches)
-    except Exception as err:  # noqa: BLE001 - any failure to build a kernel means: use torch
+    except ValueError:  # a bad setting ($WAVEGUARD_CC_TIMEOUT, an unparsable $CC): the user's to fix
+        raise
+    except Exception as err:  # noqa: BLE001 - any other failure to build a kernel means: use torch
         if required:
             raise RuntimeError(f"The fused CPU kernel {key} cannot be built ({_short(err)}); fix $CC, or set WAVEGUARD_CPU_BACKEND=torch") from err
         _broken_variants.add(key)

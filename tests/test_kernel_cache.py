@@ -451,3 +451,15 @@ def test_an_invalid_compiler_timeout_is_named(value: str, monkeypatch: pytest.Mo
     if cpu_c.find_compiler() is not None:
         with pytest.raises(ValueError, match=f"WAVEGUARD_CC_TIMEOUT: '{value}'"):
             cpu_c.get_kernel(*VARIANT)
+
+
+@needs_cc
+def test_an_invalid_compiler_timeout_fails_the_step_untouched(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A setting to fix, not a compiler failure to fall back from: the step raises, changing nothing."""
+    monkeypatch.setenv("WAVEGUARD_CC_TIMEOUT", "inf")
+    p = torch.nn.Parameter(torch.zeros(64))
+    opt = WaveSGD([p], lr=0.1, momentum=0.9, buffer_size=2)
+    p.grad = torch.ones(64)
+    with pytest.raises(ValueError, match="WAVEGUARD_CC_TIMEOUT: 'inf'"):
+        opt.step()
+    assert torch.equal(p, torch.zeros(64)) and not opt.state[p]

@@ -14,7 +14,7 @@ from ._compat import default_foreach
 from .denoise import claim_histories, record_and_filter
 from .history import COUNT_KEY, as_count, restore_history, split_checkpoint, unclaim
 from .kernels.dispatch import fused_backend, fused_by_default
-from .options import WAVE_DEFAULTS, buffer_dtype_name, check_wave_options, filter_options
+from .options import WAVE_DEFAULTS, buffer_dtype_name, check_distinct_params, check_param_groups, check_wave_options, filter_options
 from .stats import wave_stats as _wave_stats
 
 # What the kernels take: a sharded parameter (FSDP2's DTensor) is its own tensor subclass.
@@ -49,6 +49,9 @@ class WaveGuardMixin(torch.optim.Optimizer):
             if name in self.defaults:
                 param_group.setdefault(name, self.defaults[name])
         param_group.update(check_wave_options({k: param_group[k] for k in WAVE_DEFAULTS if k in param_group}))
+        if not isinstance(param_group["params"], (Tensor, set)):  # torch's add_param_group: a Tensor, or a list (a set is refused)
+            param_group["params"] = list(param_group["params"])
+            check_distinct_params(param_group["params"])
         super().add_param_group(param_group)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -87,6 +90,11 @@ class WaveGuardMixin(torch.optim.Optimizer):
         ``gate``, ``threshold``, ``noise``, ``zeroed``, ``relative_change`` (see
         :mod:`waveguard_optim.stats`). Recomputed from the history when called; steps track nothing."""
         return _wave_stats(self)
+
+    def _check_groups(self) -> None:
+        """At the start of a step, before any state changes: every group's wave options are valid
+        (as the constructor checks them; a group can be edited afterwards)."""
+        check_param_groups(self.param_groups)
 
     def _check_dense(self, group: dict[str, Any]) -> None:
         for p in group["params"]:

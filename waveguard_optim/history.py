@@ -96,13 +96,18 @@ def time_ordered(state: Mapping[str, Any], buffer_size: int, count: int) -> list
     return [state[k] for k in keys[start:] + keys[:start]]
 
 
+MAX_COUNT = 2**62
+"""A loaded ``wave_count`` is below this: an int64 count near 2**63 - 1 would wrap negative a
+step later (no run records 2**62 gradients)."""
+
+
 def _count(value: Any) -> int | None:
     """A checkpoint's ``wave_count`` as an int, from an int (older checkpoints) or a 0-dim
-    integer tensor; None when it is neither, or negative."""
+    integer tensor; None when it is neither, or outside [0, MAX_COUNT)."""
     if isinstance(value, Tensor) and value.dim() == 0 and value.device.type != "meta":
         if not (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool):
             value = int(value)
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+    return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < MAX_COUNT else None
 
 
 def _slot_dtype_ok(slot: Tensor, p: Tensor) -> bool:
@@ -115,7 +120,7 @@ def _slot_dtype_ok(slot: Tensor, p: Tensor) -> bool:
 
 def _history_problem(wave: Mapping[str, Any], p: Tensor, buffer_size: int) -> str | None:
     if _count(wave.get(COUNT_KEY)) is None:
-        return f"{COUNT_KEY} must be an int >= 0, got {wave.get(COUNT_KEY)!r}"
+        return f"{COUNT_KEY} must be an int in [0, 2**62), got {wave.get(COUNT_KEY)!r}"
     expected = {slot_key(i) for i in range(buffer_size)}
     found = set(wave) - {COUNT_KEY}
     if found != expected:

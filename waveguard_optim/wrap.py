@@ -48,7 +48,7 @@ from ._compat import default_foreach
 from .base import WaveGuardMixin
 from .denoise import claim_histories, record_and_filter
 from .history import COUNT_KEY, restore_history, split_checkpoint
-from .options import WAVE_DEFAULTS, check_wave_options, filter_options
+from .options import WAVE_DEFAULTS, check_distinct_params, check_param_groups, check_wave_options, filter_options
 from .stats import wave_stats
 
 __all__ = ["wave_guard", "WaveGuardHandle"]
@@ -113,10 +113,9 @@ class WaveGuardHandle:
         for index, group in enumerate(optimizer.param_groups):
             if any(name not in group for name in WAVE_DEFAULTS):
                 raise RuntimeError(f"wave_guard: param group {index} has no WaveGuard options (added by hand?)")
-            try:
-                check_wave_options({name: group[name] for name in WAVE_DEFAULTS})
-            except ValueError as err:
-                raise ValueError(f"wave_guard: param group {index}: {err}") from None
+            check_distinct_params(group["params"])
+        check_param_groups(optimizer.param_groups)
+        for group in optimizer.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             for p in params:
                 if p.grad.is_sparse:
