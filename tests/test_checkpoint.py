@@ -398,11 +398,12 @@ BAD_TORCH_VALUES = {
 }
 
 
+@pytest.mark.parametrize("wrapped", [False, True], ids=["WaveAdam", "wave_guard"])
 @pytest.mark.parametrize("bad", BAD_TORCH_VALUES.values(), ids=BAD_TORCH_VALUES.keys())
-def test_a_bad_torch_value_is_refused_untouched_and_the_history_survives(bad):
+def test_a_bad_torch_value_is_refused_untouched_and_the_history_survives(bad, wrapped):
     """Issue 17, item 6: torch's own load raised after installing the new state (torch
     half-applies), and the history was lost."""
-    saved, target = _trained_pair(False)
+    saved, target = _trained_pair(wrapped)
     bad(saved["state"][1])
     before = copy.deepcopy(target.state_dict())
     with pytest.raises((ValueError, TypeError, RuntimeError)):

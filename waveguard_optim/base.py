@@ -12,7 +12,7 @@ from torch import Tensor
 
 from ._compat import default_foreach
 from .denoise import claim_histories, record_and_filter
-from .history import COUNT_KEY, as_count, restore_history, split_checkpoint, unclaim
+from .history import COUNT_KEY, as_count, restore_history, restored_on_failure, split_checkpoint, unclaim
 from .kernels.dispatch import fused_backend, fused_by_default
 from .options import WAVE_DEFAULTS, buffer_dtype_name, check_distinct_params, check_param_groups, check_wave_options, filter_options
 from .stats import wave_stats as _wave_stats
@@ -75,15 +75,9 @@ class WaveGuardMixin(torch.optim.Optimizer):
         ``'1'``: torch half-applies then), the optimizer's state and param groups are put back.
         """
         torch_part, wave_part = split_checkpoint(self.param_groups, state_dict, WAVE_DEFAULTS)
-        # torch builds a new state and new groups and installs them (__setstate__); the old ones
-        # are not modified, so holding on to them is a snapshot.
-        before = {name: self.__dict__[name] for name in ("state", "param_groups")}
-        try:
+        with restored_on_failure(self):
             super().load_state_dict(torch_part)
             restore_history(self.state, wave_part)
-        except BaseException:
-            self.__dict__.update(before)
-            raise
 
     def wave_stats(self) -> list[dict[str, float]]:
         """Per param group summaries of the filter's last step, as plain floats: ``filtered``,

@@ -12,7 +12,8 @@ before torch's load and put back after it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -223,3 +224,17 @@ def restore_history(state: Mapping[Tensor, dict[str, Any]], wave_state: Mapping[
     """Put the wave state from ``split_checkpoint`` (validated and placed) back after torch's load."""
     for p, wave in wave_state.items():
         state[p].update(wave)
+
+
+@contextlib.contextmanager
+def restored_on_failure(optimizer: torch.optim.Optimizer) -> Iterator[None]:
+    """Put the optimizer's state and param groups back if the block raises. torch's
+    ``load_state_dict`` builds a new state and new groups and installs them before its
+    ``__setstate__`` can still fail (Adam's, on a ``step`` of ``'1'``): the old ones are not
+    modified, so holding on to them is a snapshot."""
+    before = {name: optimizer.__dict__[name] for name in ("state", "param_groups")}
+    try:
+        yield
+    except BaseException:
+        optimizer.__dict__.update(before)
+        raise

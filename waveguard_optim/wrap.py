@@ -47,7 +47,7 @@ from torch.utils.hooks import RemovableHandle
 from ._compat import default_foreach
 from .base import WaveGuardMixin
 from .denoise import claim_histories, record_and_filter
-from .history import COUNT_KEY, restore_history, split_checkpoint
+from .history import COUNT_KEY, restore_history, restored_on_failure, split_checkpoint
 from .options import WAVE_DEFAULTS, check_distinct_params, check_param_groups, check_wave_options, filter_options
 from .stats import wave_stats
 
@@ -55,7 +55,7 @@ __all__ = ["wave_guard", "WaveGuardHandle"]
 
 _HANDLE_ATTR = "_wave_guard_handle"
 # Instance attributes that wave_guard sets and remove() deletes.
-_ATTACHED = (_HANDLE_ATTR, "wave_stats", "__reduce_ex__")
+_ATTACHED = (_HANDLE_ATTR, "wave_stats", "__reduce_ex__", "load_state_dict")
 
 
 def _use_foreach(group: dict[str, Any], params: list[Tensor]) -> bool:
@@ -312,7 +312,15 @@ def _attach(optimizer: torch.optim.Optimizer) -> WaveGuardHandle:
     optimizer.wave_stats = types.MethodType(wave_stats, optimizer)  # type: ignore[attr-defined]
     # pickle and copy look __reduce_ex__ up on the instance: the copy is wrapped again.
     optimizer.__reduce_ex__ = types.MethodType(_reduce_wrapped, optimizer)  # type: ignore[method-assign]
+    optimizer.load_state_dict = types.MethodType(_load_or_restore, optimizer)  # type: ignore[method-assign]
     return handle
+
+
+def _load_or_restore(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> None:
+    """The optimizer's own ``load_state_dict`` (which runs the load hooks), undone if torch's part
+    raises after installing its new state: a checkpoint loads fully or is refused untouched."""
+    with restored_on_failure(optimizer):
+        type(optimizer).load_state_dict(optimizer, state_dict)
 
 
 def _reduce_wrapped(optimizer: torch.optim.Optimizer, protocol: int) -> tuple[Any, ...]:
