@@ -156,12 +156,18 @@ def _placed(wave_state: Mapping[Tensor, Mapping[str, Any]]) -> dict[Tensor, dict
     return out
 
 
+def _local(t: Tensor) -> Tensor:
+    """The memory a tensor holds here: a DTensor's (FSDP2) local shard, whose ``data_ptr`` is real."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 def _refuse_shared(placed: Mapping[Tensor, Mapping[str, Any]], others: list[Tensor]) -> None:
     """Refuse slots that share memory with another state tensor of the checkpoint (``exp_avg``,
     ...) or a parameter: a step writes both in place (the kernels would refuse every step; the
     eager path would train on the mixed values). Slots among themselves were made distinct by
     ``_placed``."""
-    slots = [v for wave in placed.values() for k, v in wave.items() if k != COUNT_KEY]
+    slots = [_local(v) for wave in placed.values() for k, v in wave.items() if k != COUNT_KEY]
+    others = [_local(t) for t in others if t.device.type != "meta"]
     try:
         check_memory("checkpoint", dict(wave_history=slots), dict(other_tensors=others))
     except RuntimeError as err:
