@@ -29,6 +29,7 @@ and the parameter once, and keeps everything else in registers.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import ctypes
 import dataclasses
 import functools
@@ -570,7 +571,8 @@ def _trusted_path(folder: Path) -> Path | None:
         try:
             info = os.lstat(candidate)
         except FileNotFoundError:  # made here, in a folder already judged: nothing is made elsewhere
-            os.mkdir(candidate, 0o700)
+            with contextlib.suppress(FileExistsError):  # another process made it first
+                os.mkdir(candidate, 0o700)
             info = os.lstat(candidate)
         if stat.S_ISLNK(info.st_mode):
             hops += 1
