@@ -28,10 +28,11 @@ and the parameter once, and keeps everything else in registers.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import ctypes
 import dataclasses
 import functools
-import getpass
 import hashlib
 import math
 import os
@@ -451,11 +452,12 @@ _STEPS_ARGS += [ctypes.c_void_p] * 2
 class Kernel:
     """A loaded variant: ``run`` is ``wg_run``, ``steps`` is ``wg_steps``; ``parallel`` says
     whether ``run`` runs its ranges on OpenMP threads (else the caller runs one range per thread
-    of its own)."""
+    of its own); ``fd`` is the sealed memory file it was loaded from, kept open (see ``_dlopen``), or -1."""
 
     run: Any
     steps: Any
     parallel: bool
+    fd: int
 
 
 def find_compiler() -> str | None:
@@ -515,66 +517,123 @@ def _cc_timeout() -> float:
         seconds = float(value)
     except ValueError:
         seconds = math.nan
-    if not seconds > 0:
-        raise ValueError(f"Invalid WAVEGUARD_CC_TIMEOUT: {value!r} (expected seconds > 0)")
+    if not (seconds > 0 and math.isfinite(seconds)):
+        raise ValueError(f"Invalid WAVEGUARD_CC_TIMEOUT: {value!r} (expected a finite number of seconds > 0)")
     return seconds
+
+
+# --- Which folders and files the cache trusts -------------------------------------------
+# Threat model: another local user must not get code into this process. Whatever they can
+# rename, replace or write (a folder of theirs, or one writable by them anywhere on the path,
+# a symlink of theirs) is not trusted, and what is loaded is the bytes that were checked.
+
+_POSIX = hasattr(os, "geteuid")
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+_MAX_SYMLINKS = 40  # as Linux's path lookup
 
 
 def _private(info: os.stat_result) -> bool:
     """Owned by this process's user and writable by nobody else: what the cache trusts. (Without
     POSIX users, Windows, every file counts as private.)"""
-    if not hasattr(os, "geteuid"):
+    if not _POSIX:
         return True
     return info.st_uid == os.geteuid() and not info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
 
 
-def _private_folder(folder: Path) -> bool:
-    """Create ``folder`` (mode 0700) if needed; whether it is a private folder we can write."""
+def _trusted_above(info: os.stat_result) -> bool:
+    """A folder on the way to the cache: this user's or root's, and writable by no one else
+    unless it is root's and sticky (``/tmp``: others cannot rename or remove what is ours there)."""
+    if info.st_uid not in (os.geteuid(), 0):
+        return False
+    return not info.st_mode & (stat.S_IWGRP | stat.S_IWOTH) or (info.st_uid == 0 and bool(info.st_mode & stat.S_ISVTX))
+
+
+def _trusted_path(folder: Path) -> Path | None:
+    """``folder`` with its symlinks resolved, when no other user can change what it names; else
+    None. Judged as ssh judges a key file's folders: walked from ``/`` with ``lstat``, every folder
+    is ``_trusted_above``, every symlink followed is this user's or root's, and the last folder
+    is ``_private``. Missing folders are created (0700) on the way, each once its parent passed."""
+    if not _POSIX:
+        return folder
+    text = os.fspath(folder)
+    pending = os.path.join(os.getcwd(), text).split("/")[::-1]  # a stack: next component last
+    resolved, hops = "/", 0
+    if not _trusted_above(os.lstat("/")):
+        return None
+    while pending:
+        part = pending.pop()
+        if part in ("", "."):
+            continue
+        if part == "..":
+            resolved = os.path.dirname(resolved)
+            continue
+        candidate = os.path.join(resolved, part)
+        try:
+            info = os.lstat(candidate)
+        except FileNotFoundError:  # made here, in a folder already judged: nothing is made elsewhere
+            with contextlib.suppress(FileExistsError):  # another process made it first
+                os.mkdir(candidate, 0o700)
+            info = os.lstat(candidate)
+        if stat.S_ISLNK(info.st_mode):
+            hops += 1
+            if hops > _MAX_SYMLINKS or info.st_uid not in (os.geteuid(), 0):
+                return None
+            target = os.readlink(candidate)
+            if target.startswith("/"):
+                resolved = "/"
+            pending += target.split("/")[::-1]
+            continue
+        if not (stat.S_ISDIR(info.st_mode) and _trusted_above(info)):
+            return None
+        resolved = candidate
+    return Path(resolved) if _private(os.lstat(resolved)) else None
+
+
+def _private_folder(folder: Path) -> Path | None:
+    """Create ``folder`` (mode 0700) if needed; its resolved path when it is a trusted private
+    folder we can write (``_trusted_path``), else None."""
     try:
-        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-        info = os.stat(folder)
-        if not (stat.S_ISDIR(info.st_mode) and _private(info)):
-            return False
-        probe = folder / f".probe-{os.getpid()}"
+        real = _trusted_path(folder)
+        if real is None:
+            return None
+        probe = real / f".probe-{os.getpid()}"
         probe.write_text("")
         probe.unlink()
     except OSError:
-        return False
-    return True
+        return None
+    return real
 
 
 def cache_dir() -> Path:
-    """Where compiled kernels live: a folder private to this user (created 0700; it must be
-    owned by the user and writable by no one else, since the libraries in it are loaded into
-    the process).
+    """Where compiled kernels live: a folder private to this user (created 0700), on a path no
+    other user can change (``_trusted_path``), since the libraries in it are loaded into the process.
 
     ``WAVEGUARD_CACHE_DIR`` if set, else ``$XDG_CACHE_HOME/waveguard_optim`` (``~/.cache``).
-    When that is not a private writable folder: ``<tempdir>/waveguard_optim-<uid>``, and when
-    that one is not private either (another user made it), a fresh private folder from
-    ``mkdtemp``; either move is warned once.
+    When that is not usable: a fresh folder of this process (``mkdtemp``: an unpredictable name,
+    mode 0700, removed at exit), warned once. A predictable shared name (``/tmp/<name>-<uid>``)
+    is never used: another user could make it first.
     """
     root = os.environ.get("WAVEGUARD_CACHE_DIR")
     if root:
         base = Path(root)
     else:
         base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "waveguard_optim"
-    name = f"c-{platform.system().lower()}-{platform.machine()}"
-    user = os.geteuid() if hasattr(os, "geteuid") else getpass.getuser()
-    fallback = Path(tempfile.gettempdir()) / f"waveguard_optim-{user}"
-    for folder in (base / name, fallback / name):
-        if _private_folder(folder):
-            if folder.parent != base:
-                _warn_once(f"kernel cache {base / name} is not a private writable folder; using {folder}")
-            return folder
-    return _fresh_folder(base / name)
+    wanted = base / f"c-{platform.system().lower()}-{platform.machine()}"
+    return _private_folder(wanted) or _fresh_folder(wanted)
 
 
 @functools.lru_cache(maxsize=None)
 def _fresh_folder(wanted: Path) -> Path:
-    """One fresh private folder per process, for when no usable cache folder exists."""
+    """One fresh private folder per process, for when the configured cache folder is not usable."""
     folder = Path(tempfile.mkdtemp(prefix="waveguard_optim-"))
-    _warn_once(f"kernel cache {wanted} is not a private writable folder, nor is the temp-dir fallback; using {folder}")
-    return folder
+    real = _trusted_path(folder)
+    if real is None:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise RuntimeError(f"no private folder for the kernel cache: {wanted} is not one, nor is the temp dir {folder.parent} safe from other users")
+    owner = os.getpid()
+    atexit.register(lambda: os.getpid() == owner and shutil.rmtree(real, ignore_errors=True))
+    _warn_once(f"kernel cache {wanted} is not a private writable folder on a path only this user can change; using {real} for this process")
+    return real
 
 
 def _run(command: list[str], timeout: float) -> tuple[int, str]:
@@ -604,18 +663,72 @@ def _digest(data: bytes) -> str:
     return f"{len(data)} {hashlib.sha256(data).hexdigest()}"
 
 
-def _intact(library: Path) -> bool:
-    """Whether ``library`` may be loaded: a private file whose size and sha256 are those written
-    next to it when it was built. Read (not mapped) here, so a truncated or damaged file
-    costs a rebuild, not a SIGBUS or SIGILL inside ``dlopen``."""
+def _read_private(path: Path) -> bytes | None:
+    """The bytes of ``path`` when it is a regular file private to this user (``_private``), read
+    from the one descriptor whose owner and mode were checked, opened without following a
+    symlink; None otherwise."""
     try:
-        info = os.stat(library)
-        if not (stat.S_ISREG(info.st_mode) and _private(info)):
-            return False
-        expected = _checksum_path(library).read_text().strip()
-        return _digest(library.read_bytes()) == expected
+        fd = os.open(path, os.O_RDONLY | _NOFOLLOW)
     except OSError:
-        return False
+        return None
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(fd)
+        if not (stat.S_ISREG(info.st_mode) and _private(info)):
+            return None
+        return f.read()
+
+
+def _verified_bytes(library: Path) -> bytes | None:
+    """The bytes of a cache entry when they are private and have the size and sha256 written next
+    to them at build time, else None. Read (not mapped), so a truncated or damaged file costs a
+    rebuild, not a SIGBUS or SIGILL inside ``dlopen``."""
+    data, expected = _read_private(library), _read_private(_checksum_path(library))
+    if data is None or expected is None or _digest(data) != expected.decode(errors="replace").strip():
+        return None
+    return data
+
+
+def _dlopen(data: bytes, path: Path) -> tuple[ctypes.CDLL, int]:
+    """``(library, descriptor)``: the library ``data``, loaded from a sealed memory file, so that
+    what runs is exactly the bytes that were checked (a file on disk could be swapped between
+    the check and ``dlopen``). The descriptor must stay open: ``dlopen`` returns a library already
+    loaded under the same name, and ``/proc/self/fd/N`` names another file once N is reused.
+    Where there are no memory files (not Linux), ``path`` itself is loaded: its folders are
+    trusted (``_trusted_path``), so no other user can swap it."""
+    if not hasattr(os, "memfd_create"):
+        return ctypes.CDLL(str(path)), -1
+    import fcntl  # POSIX only, as memfd_create
+
+    fd = os.memfd_create(path.name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        with open(fd, "wb", closefd=False) as f:
+            f.write(data)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE)
+        return ctypes.CDLL(f"/proc/self/fd/{fd}"), fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _load_kernel(data: bytes, path: Path) -> Kernel:
+    """The kernel in the library bytes ``data``; OSError or AttributeError when they do not load
+    or lack its entry points (a compiler that exited 0 but wrote something else)."""
+    library, fd = _dlopen(data, path)
+    library.wg_run.argtypes, library.wg_run.restype = _RUN_ARGS, None
+    library.wg_steps.argtypes, library.wg_steps.restype = _STEPS_ARGS, None
+    return Kernel(library.wg_run, library.wg_steps, bool(library.wg_parallel()), fd)
+
+
+def _load_entry(library: Path) -> Kernel | None:
+    """The cached kernel ``library`` when it is intact (``_verified_bytes``) and loads; None
+    means: build it (again)."""
+    data = _verified_bytes(library)
+    if data is None:
+        return None
+    try:
+        return _load_kernel(data, library)
+    except (OSError, AttributeError):
+        return None
 
 
 def _remove_stale_builds(folder: Path) -> None:
@@ -641,10 +754,11 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _build(source: str, target: Path, compiler: str) -> None:
+def _build(source: str, target: Path, compiler: str) -> Kernel:
     """Compile ``source`` into the shared library ``target`` (with OpenMP if the compiler has
-    it), atomically: a concurrent process either sees no file or a whole one. Its size and
-    sha256 go next to it (``<name>.sha256``, also replaced atomically), for ``_intact``."""
+    it), load it, and only then publish it, atomically: a concurrent process either sees no
+    file or a whole one that loads. Its size and sha256 go next to it (``<name>.sha256``, also
+    replaced atomically), for ``_verified_bytes``. Returns the kernel loaded from the bytes published."""
     _remove_stale_builds(target.parent)
     timeout = _cc_timeout()
     tmp = Path(tempfile.mkdtemp(prefix=f"build-{os.getpid()}-", dir=target.parent))
@@ -659,12 +773,21 @@ def _build(source: str, target: Path, compiler: str) -> None:
                 raise RuntimeError(str(err)) from None
             except OSError as err:
                 raise RuntimeError(f"cannot run the C compiler {compiler}: {err.strerror or err}") from None
-            if status == 0:
-                checksum = tmp / "checksum"
-                checksum.write_text(_digest(library.read_bytes()) + "\n")
-                os.replace(library, target)
-                os.replace(checksum, _checksum_path(target))
-                return
+            if status != 0:
+                continue
+            data = _read_private(library)
+            try:
+                if data is None:
+                    raise OSError("it wrote no private regular file")
+                kernel = _load_kernel(data, library)
+            except (OSError, AttributeError) as err:
+                output = f"it exited 0, but its library does not load ({err})"
+                continue
+            checksum = tmp / "checksum"
+            checksum.write_text(_digest(data) + "\n")
+            os.replace(library, target)
+            os.replace(checksum, _checksum_path(target))
+            return kernel
         raise RuntimeError(f"{compiler} failed to compile {target.stem}: {output.strip()[:2000]}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -676,8 +799,9 @@ _LOADED: dict[tuple[Any, ...], Kernel] = {}
 
 def get_kernel(algo: str, n: int, pkind: str, skind: str, options: tuple[str, ...]) -> Kernel:
     """This variant, compiled on first use and loaded from the disk cache afterwards (after
-    checking the cached file: see ``_intact``; a damaged or foreign one is rebuilt). Raises
-    ``RuntimeError`` when there is no C compiler or it cannot build the variant in time."""
+    checking the cached bytes: see ``_verified_bytes``; a damaged, foreign or unloadable entry is
+    rebuilt). Raises ``RuntimeError`` when there is no C compiler or it cannot build the variant
+    in time, ``ValueError`` for an invalid ``$WAVEGUARD_CC_TIMEOUT``."""
     key = (algo, n, pkind, skind, options)
     kernel = _LOADED.get(key)
     if kernel is not None:
@@ -688,15 +812,11 @@ def get_kernel(algo: str, n: int, pkind: str, skind: str, options: tuple[str, ..
             compiler = find_compiler()
             if compiler is None:
                 raise RuntimeError("no C compiler found (set CC, or install cc, gcc or clang)")
+            _cc_timeout()
             source = generate(algo, n, pkind, skind, options)
             digest = hashlib.sha256((_toolchain_id(compiler) + source).encode()).hexdigest()[:16]
             suffix = ".dll" if sys.platform == "win32" else ".so"
             variant = "-".join(options) or "plain"
             path = cache_dir() / f"wg_{algo}_n{n}_{pkind}_{skind}_{variant}_{digest}{suffix}"
-            if not _intact(path):
-                _build(source, path, compiler)
-            library = ctypes.CDLL(str(path))
-            library.wg_run.argtypes, library.wg_run.restype = _RUN_ARGS, None
-            library.wg_steps.argtypes, library.wg_steps.restype = _STEPS_ARGS, None
-            kernel = _LOADED[key] = Kernel(library.wg_run, library.wg_steps, bool(library.wg_parallel()))
+            kernel = _LOADED[key] = _load_entry(path) or _build(source, path, compiler)
     return kernel

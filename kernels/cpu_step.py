@@ -179,14 +179,22 @@ def _exact_reciprocal(scale: float | None) -> bool:
 
 def _common_scalars(scale: float | None, maximize: bool, constants: tuple[Any, ...], pdtype: torch.dtype) -> dict[str, float]:
     """The run-time scalars every kernel takes (see ``cpu_c.SCALARS``)."""
-    finfo = torch.finfo(compute_dtype(pdtype))
     sign = -1.0 if maximize else 1.0
     return dict(
         ginv=sign if scale is None else sign / scale,  # exact: the kernel is used for powers of two only
         tscale=constants[2],  # kappa * sqrt(2 ln N) / 0.6745
-        TINY=finfo.smallest_normal * finfo.eps,  # the gate's floor under E_c + E_f, as in fold_filter
+        TINY=torch.finfo(compute_dtype(pdtype)).smallest_normal,  # the gate's floor under E_c + E_f, as in filter._gate
         threshold=float(constants[3]),  # thresholding on
     )
+
+
+def _adam_scalars(beta1: float | Tensor, beta2: float | Tensor, lr: float | Tensor, weight_decay: float, pdtype: torch.dtype) -> dict[str, float]:
+    """``lw = 1 - beta1`` (the lerp weight), ``c2 = 1 - beta2`` (addcmul's value) and ``keep = 1 -
+    lr * weight_decay`` (decoupled decay), computed as torch's single-tensor Adam does: a Tensor
+    lr or beta makes them tensor arithmetic in its dtype (float32), ``beta1`` cast to the
+    parameter's dtype first; floats stay Python (double) arithmetic."""
+    device_beta1 = beta1.to(pdtype.to_real()) if isinstance(beta1, Tensor) else beta1  # a complex parameter: its real view
+    return dict(lw=_to_float(1 - device_beta1), c2=_to_float(1 - beta2), keep=_to_float(1 - lr * weight_decay))
 
 
 _DTYPE, _IS_CPU, _IS_SPARSE = (operator.attrgetter(name) for name in ("dtype", "is_cpu", "is_sparse"))
@@ -325,7 +333,9 @@ def _c_kernel(algo: str, options: dict[str, bool], pkind: str, skind: str, n: in
         return None
     try:
         return cpu_c.get_kernel(algo, n, pkind, skind, switches)
-    except Exception as err:  # noqa: BLE001 - any failure to build a kernel means: use torch
+    except ValueError:  # a bad setting ($WAVEGUARD_CC_TIMEOUT, an unparsable $CC): the user's to fix
+        raise
+    except Exception as err:  # noqa: BLE001 - any other failure to build a kernel means: use torch
         if required:
             raise RuntimeError(f"The fused CPU kernel {key} cannot be built ({_short(err)}); fix $CC, or set WAVEGUARD_CPU_BACKEND=torch") from err
         _broken_variants.add(key)
@@ -358,13 +368,15 @@ def _plans(
 
 
 def _adam_steps(
-    state_steps: list[Tensor], lr: float, beta1: float, beta2: float, kernel: cpu_c.Kernel | None
+    state_steps: list[Tensor], lr: float | Tensor, beta1: float | Tensor, beta2: float | Tensor, kernel: cpu_c.Kernel | None
 ) -> tuple[Sequence[float], Sequence[float]]:
     """Increment the step counts; return torch Adam's ``step_size`` and ``sqrt(bias_correction2)``
-    per tensor. In C (one call, the same libm ``pow`` as Python's ``**``) when a kernel is given
-    and the steps are CPU scalars of one float dtype, else as torch does it."""
+    per tensor. In C (one call, the same libm ``pow`` as Python's ``**``) when a kernel is given,
+    the hyperparameters are floats and the steps are CPU scalars of one float dtype, else as
+    torch's single-tensor Adam does it (in a Tensor lr's or beta's dtype: float32 arithmetic)."""
     dtypes = set(map(_DTYPE, state_steps))
-    if kernel is not None and len(dtypes) == 1 and dtypes <= {torch.float32, torch.float64}:
+    scalars = not any(isinstance(x, Tensor) for x in (lr, beta1, beta2))
+    if kernel is not None and scalars and len(dtypes) == 1 and dtypes <= {torch.float32, torch.float64}:
         if all(map(_IS_CPU, state_steps)) and all(t.numel() == 1 for t in state_steps):
             count = len(state_steps)
             pointers = np.array(list(map(Tensor.data_ptr, state_steps)), dtype=np.int64)
@@ -375,7 +387,7 @@ def _adam_steps(
             return step_size, bc2_sqrt
     torch._foreach_add_(state_steps, 1)
     steps = torch.stack(state_steps).tolist() if len(state_steps) > 1 else [state_steps[0].item()]
-    return [lr / (1 - beta1**step) for step in steps], [(1 - beta2**step) ** 0.5 for step in steps]
+    return [_to_float(lr / (1 - beta1**step)) for step in steps], [_to_float((1 - beta2**step) ** 0.5) for step in steps]
 
 
 def _run_c(
@@ -508,9 +520,10 @@ def _torch_adam(
     bc2_sqrt: list[float],
     *,
     amsgrad: bool,
-    beta1: float,
+    lw: float,
     beta2: float,
-    lr: float,
+    c2: float,
+    keep: float,
     weight_decay: float,
     eps: float,
     decoupled: bool,
@@ -518,6 +531,7 @@ def _torch_adam(
     grad_scale: float | None,
     filter_options: dict[str, Any],
 ) -> None:
+    """``lw``, ``c2``, ``keep``: see ``_adam_scalars``."""
     ops = _Operands()
     fp = [_flat(t, ops, written=True) for t in params]
     fg = [_flat(t, ops, written=False) for t in grads]
@@ -532,12 +546,12 @@ def _torch_adam(
         P, M, V = piece(fp), piece(fm), piece(fv)
         if weight_decay != 0:
             if decoupled:
-                _mul_(P, 1 - lr * weight_decay)
+                _mul_(P, keep)
             else:
                 gh = torch._foreach_add(gh, P, alpha=weight_decay)
-        torch._foreach_lerp_(M, gh, 1 - beta1)
+        torch._foreach_lerp_(M, gh, lw)
         _mul_(V, beta2)
-        torch._foreach_addcmul_(V, gh, gh, value=1 - beta2)
+        torch._foreach_addcmul_(V, gh, gh, value=c2)
         if amsgrad:
             VM = piece(fvm)
             torch._foreach_maximum_(VM, V)
@@ -634,14 +648,15 @@ def fused_wave_adam_(
     check_steps("fused_wave_adam_", state_steps)
     _check_operands("fused_wave_adam_", params, grads, state, histories, state_steps)
     use = _resolve_backend(backend)
-    b1, b2, lr_, wd = _to_float(beta1), _to_float(beta2), _to_float(lr), _to_float(weight_decay)
+    b2, wd = _to_float(beta2), _to_float(weight_decay)
     scale = None if grad_scale is None else _to_float(grad_scale)
     wd_mode = "none" if wd == 0 else ("decoupled" if decoupled_weight_decay else "l2")
+    hyper = _adam_scalars(beta1, beta2, lr, wd, params[0].dtype)
     switches = dict(
         amsgrad=amsgrad,
         l2=wd_mode == "l2",
         decoupled=wd_mode == "decoupled",
-        lerp_small=abs(1 - b1) < 0.5,  # which of torch's two lerp formulas
+        lerp_small=abs(hyper["lw"]) < 0.5,  # which of torch's two lerp formulas
         gate=snr_gate,
         newest=decay == 0,
     )
@@ -649,7 +664,7 @@ def fused_wave_adam_(
         "adam", switches, groups, use == "c" and _exact_reciprocal(scale), _c_required(backend, strict), decay, threshold_scale
     )
     kernels = [kernel for *_, kernel in plans]
-    step_size, bc2_sqrt = _adam_steps(state_steps, lr_, b1, b2, kernels[0] if all(kernels) else None)
+    step_size, bc2_sqrt = _adam_steps(state_steps, lr, beta1, beta2, kernels[0] if all(kernels) else None)
 
     for (pdtype, _, n, _), members, kernel in plans:
         constants = _filter_constants(n, decay, threshold_scale)
@@ -658,7 +673,7 @@ def fused_wave_adam_(
             _torch_adam(
                 pick(params), pick(grads), pick(exp_avgs), pick(exp_avg_sqs), pick(max_exp_avg_sqs) if amsgrad else [],
                 pick(histories), pick(full), pick(step_size), pick(bc2_sqrt),
-                amsgrad=amsgrad, beta1=b1, beta2=b2, lr=lr_, weight_decay=wd, eps=eps, decoupled=decoupled_weight_decay,
+                amsgrad=amsgrad, **hyper, beta2=b2, weight_decay=wd, eps=eps, decoupled=decoupled_weight_decay,
                 maximize=maximize, grad_scale=scale,
                 filter_options=dict(decay=decay, threshold_scale=threshold_scale, snr_gate=snr_gate),
             )  # fmt: skip
@@ -666,13 +681,10 @@ def fused_wave_adam_(
         ops = _Operands()
         operands = ops.rows(pick(params), pick(grads), [pick(c) for c in state.values()], pick(histories), pdtype)
         alpha = functools.partial(_as_alpha, pdtype)
-        scalars = _common_scalars(scale, maximize, constants, pdtype) | dict(
-            lw=1 - b1,  # lerp weight
+        scalars = _common_scalars(scale, maximize, constants, pdtype) | hyper | dict(
             beta2=b2,
-            c2=1 - b2,
             eps=alpha(eps),  # add_(eps)
             wd=alpha(wd),  # grad.add(param, alpha=weight_decay)
-            keep=1 - lr_ * wd,
         )
         _run_c(kernel, "adam", n, operands, pick(full), [False] * len(members), pick(step_size), pick(bc2_sqrt), constants, scalars)
         ops.finish()

@@ -347,3 +347,66 @@ def test_a_history_slot_without_memory_of_its_own_is_loaded_as_a_copy(share):
         runs.append(train(resumed, opt2, 5, seed=3))
     for a, b in zip(*runs):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def _trained_pair(wrapped):
+    """(a checkpoint of a trained optimizer, a target optimizer with history of its own)."""
+    from waveguard_optim import wave_guard
+
+    def make(lr):
+        params = make_params()
+        if wrapped:
+            opt = torch.optim.Adam(params, lr=lr)
+            wave_guard(opt, buffer_size=4)
+        else:
+            opt = WaveAdam(params, lr=lr, buffer_size=4)
+        return params, opt
+
+    params, opt = make(0.01)
+    train(params, opt, 6)
+    target_params, target = make(0.02)
+    train(target_params, target, 5)
+    return save_load(opt.state_dict()), target
+
+
+@pytest.mark.parametrize("wrapped", [False, True], ids=["WaveAdam", "wave_guard"])
+@pytest.mark.parametrize("other", ["exp_avg", "exp_avg_sq", "a view of exp_avg", "the parameter"])
+def test_a_history_slot_sharing_memory_with_other_state_is_refused_untouched(wrapped, other):
+    """Issue 17, item 5: the load checked slots only against each other; a slot sharing exp_avg's
+    memory made the default path refuse every step, and the eager path train on mixed values."""
+    saved, target = _trained_pair(wrapped)
+    state = saved["state"][1]
+    if other == "exp_avg":
+        state["wave_history_2"] = state["exp_avg"]
+    elif other == "exp_avg_sq":
+        state["wave_history_2"] = state["exp_avg_sq"]
+    elif other == "a view of exp_avg":
+        state["exp_avg"] = torch.cat([state["exp_avg"], state["exp_avg"]])[: state["exp_avg"].numel()]
+        state["wave_history_1"] = state["exp_avg"][:]
+    else:
+        state["wave_history_0"] = target.param_groups[0]["params"][1]
+    before = copy.deepcopy(target.state_dict())
+    with pytest.raises(ValueError, match="shares memory"):
+        target.load_state_dict(saved)
+    _assert_state_dict_equal(target.state_dict(), before)
+
+
+BAD_TORCH_VALUES = {
+    "step '1'": lambda state: state.__setitem__("step", "1"),
+    "step None": lambda state: state.__setitem__("step", None),
+    "step a list": lambda state: state.__setitem__("step", [1]),
+}
+
+
+@pytest.mark.parametrize("wrapped", [False, True], ids=["WaveAdam", "wave_guard"])
+@pytest.mark.parametrize("bad", BAD_TORCH_VALUES.values(), ids=BAD_TORCH_VALUES.keys())
+def test_a_bad_torch_value_is_refused_untouched_and_the_history_survives(bad, wrapped):
+    """Issue 17, item 6: torch's own load raised after installing the new state (torch
+    half-applies), and the history was lost."""
+    saved, target = _trained_pair(wrapped)
+    bad(saved["state"][1])
+    before = copy.deepcopy(target.state_dict())
+    with pytest.raises((ValueError, TypeError, RuntimeError)):
+        target.load_state_dict(saved)
+    _assert_state_dict_equal(target.state_dict(), before)
+    assert "wave_history_0" in target.state[target.param_groups[0]["params"][1]]

@@ -348,3 +348,104 @@ def test_deepcopy_and_param_groups_with_their_own_options():
     with pytest.raises(ValueError, match="buffer_size"):
         opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))], "buffer_size": 3})
     assert len(opt.param_groups) == 2
+
+
+@pytest.mark.parametrize("path_name", CPU_PATHS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("cls,torch_cls,options", [(WaveAdam, torch.optim.Adam, dict(lr=0.01)), (WaveSGD, torch.optim.SGD, dict(lr=0.05, momentum=0.9))])
+def test_flush_denormal_gives_no_nan_where_the_window_is_all_zero(path_name, dtype, cls, torch_cls, options, monkeypatch):
+    """Issue 17, item 2: under torch.set_flush_denormal(True) a subnormal floor under the gate's
+    E_c + E_f flushed to 0, and elements whose last N gradients are all 0 (every 4th one of the
+    'mixed' gradients) became 0/0 = NaN. SPEC section 3: gamma = 0 there."""
+    path = path_options(path_name, monkeypatch)
+    ref_params = make_params(dtype)
+    expected = train(ref_params, ReferenceWave(ref_params, torch_cls, buffer_size=4, **options), 10)
+    plain_params = make_params(dtype)
+    plain = train(plain_params, cls(plain_params, buffer_size=4, **options, **path), 10)
+    params = make_params(dtype)
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush denormals")
+    try:
+        got = train(params, cls(params, buffer_size=4, **options, **path), 10)
+    finally:
+        torch.set_flush_denormal(False)
+    assert not any(p.isnan().any() for p in got)
+    assert all(torch.equal(a, b) for a, b in zip(got, plain))  # no subnormal arises here: flushing changes nothing
+    assert_same(got, expected, dtype)
+
+
+def _interrupt_once(monkeypatch, owner, name, at_call):
+    """Make ``owner.name`` raise KeyboardInterrupt on its ``at_call``-th call (from 0), once."""
+    real, calls = getattr(owner, name), []
+
+    def interrupted(*args, **kwargs):
+        calls.append(None)
+        if len(calls) == at_call + 1:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, interrupted)
+
+
+@pytest.mark.parametrize("path_name", ["default", "cpu-torch"])
+@pytest.mark.parametrize("where", ["compile", "first step", "warm step"])
+@pytest.mark.parametrize("cls,options", [(WaveAdam, dict(lr=0.01)), (WaveSGD, dict(lr=0.05, momentum=0.9))])
+def test_an_interrupted_fused_step_is_rolled_back(path_name, where, cls, options, tmp_path, monkeypatch):
+    """Issue 17, item 3: Ctrl-C (KeyboardInterrupt, not an Exception) during the first step's
+    compile or a warm step left the ring advanced with nothing recorded. Interrupted once, then
+    repeated, the run equals an uninterrupted one exactly."""
+    from waveguard_optim.kernels import cpu_c, cpu_step
+
+    path = path_options(path_name, monkeypatch)
+    if where == "compile":
+        if path_name != "default" or cpu_c.find_compiler() is None:
+            pytest.skip("the compile is the C back end's")
+        monkeypatch.setenv("WAVEGUARD_CACHE_DIR", str(tmp_path))  # a cold cache: the first step compiles
+        monkeypatch.setattr(cpu_c, "_LOADED", {})
+    expected_params = make_params()
+    expected = train(expected_params, cls(expected_params, buffer_size=4, **options, **path), 10)
+    if where == "compile":
+        _interrupt_once(monkeypatch, cpu_c, "_build", 0)
+        monkeypatch.setattr(cpu_c, "_LOADED", {})
+    else:
+        _interrupt_once(monkeypatch, cpu_step, "_resolve_backend", 0 if where == "first step" else 6)
+    params = make_params()
+    opt = cls(params, buffer_size=4, **options, **path)
+    step = 0
+    while step < 10:
+        for i, p in enumerate(params):
+            p.grad = gradient(p, step, seed=i)
+        try:
+            opt.step()
+        except KeyboardInterrupt:
+            continue  # the same step again
+        step += 1
+    assert all(torch.equal(a, b) for a, b in zip(params, expected))
+    assert all(opt.state[p]["wave_count"].item() == 10 for p in params)
+
+
+TENSOR_HYPERS = {
+    "betas": dict(lr=0.01, betas=(torch.tensor(0.9), torch.tensor(0.999))),
+    "lr": dict(lr=torch.tensor(0.01)),
+    "both+decoupled": dict(lr=torch.tensor(0.003), betas=(torch.tensor(0.8), torch.tensor(0.99)), weight_decay=0.1, decoupled_weight_decay=True),
+    "lr+l2": dict(lr=torch.tensor(0.02), weight_decay=0.1),
+    "small betas": dict(lr=0.01, betas=(torch.tensor(0.3), torch.tensor(0.45))),
+}
+
+
+@pytest.mark.parametrize("path_name", ["single", "default", "cpu-torch"])  # torch's foreach Adam refuses Tensor lr and betas
+@pytest.mark.parametrize("hypers", TENSOR_HYPERS.values(), ids=TENSOR_HYPERS.keys())
+def test_tensor_betas_and_lr_are_torch_adams_bit_for_bit(path_name, hypers, monkeypatch):
+    """Issue 17, item 4: with Tensor betas or lr torch computes the bias corrections, step size and
+    1 - beta in float32 tensor arithmetic; the C kernel did it in double (up to ~22 ulp apart)."""
+    path = path_options(path_name, monkeypatch)
+    make = lambda: [torch.nn.Parameter(p.detach().contiguous()) for p in make_params()]  # noqa: E731
+    params, torch_params = make(), make()
+    opt = WaveAdam(params, buffer_size=4, **IDENTITY, **hypers, **path)
+    reference = torch.optim.Adam(torch_params, **hypers, foreach=False)  # torch's CPU default
+    for step in range(8):
+        for i, (p, q) in enumerate(zip(params, torch_params)):
+            p.grad = q.grad = gradient(p, step, seed=i)
+        opt.step()
+        reference.step()
+        assert all(torch.equal(a, b) for a, b in zip(params, torch_params)), step

@@ -1,5 +1,8 @@
 """Invalid arguments raise ValueError naming the argument and the value, before any state exists."""
 
+import copy
+import re
+
 import pytest
 import torch
 
@@ -120,3 +123,70 @@ def test_buffer_dtype_is_kept_by_name(given):
     opt.step()
     assert opt.state[p]["wave_history_0"].dtype == torch.bfloat16
     assert opt.state[q]["wave_history_0"].dtype == torch.float64
+
+
+@pytest.mark.parametrize("wrapped", [False, True], ids=["WaveAdam", "wave_guard"])
+@pytest.mark.parametrize("path", [dict(foreach=False), dict(foreach=True), dict()], ids=["single", "foreach", "default"])
+@pytest.mark.parametrize("name,value", INVALID_WAVE, ids=lambda x: repr(x))
+def test_an_invalid_option_written_into_a_group_is_refused_at_step_time_untouched(name, value, path, wrapped):
+    """Issue 17, item 7: ``group['threshold_scale'] = nan`` (or ``buffer_size = 3``) after
+    construction gave NaN parameters, then a checkpoint the loader refuses. The step refuses it
+    with the constructor's message, before any group (here the second) changes."""
+    from waveguard_optim import wave_guard
+
+    params = [torch.nn.Parameter(torch.randn(5)), torch.nn.Parameter(torch.randn(3))]
+    if wrapped:
+        opt = torch.optim.Adam([{"params": [params[0]]}, {"params": [params[1]]}], **path)
+        wave_guard(opt, buffer_size=4)
+    else:
+        opt = WaveAdam([{"params": [params[0]]}, {"params": [params[1]]}], buffer_size=4, **path)
+    for _ in range(5):
+        for p in params:
+            p.grad = torch.randn(p.shape)
+        opt.step()
+    before = copy.deepcopy(opt.state_dict())
+    values = [p.detach().clone() for p in params]
+    opt.param_groups[1][name] = value
+    with pytest.raises(ValueError, match=re.escape(f"param group 1: Invalid {name}: {value!r}")):
+        opt.step()
+    opt.param_groups[1][name] = before["param_groups"][1][name]
+    after = opt.state_dict()
+    assert all(torch.equal(p, v) for p, v in zip(params, values))
+    assert after["param_groups"] == before["param_groups"]
+    for pid, state in before["state"].items():
+        assert all(torch.equal(torch.as_tensor(after["state"][pid][k]), torch.as_tensor(v)) for k, v in state.items())
+
+
+@pytest.mark.parametrize("count", [2**63 - 1, 2**62, 2**64])
+def test_a_wave_count_that_would_wrap_is_refused(count):
+    """Issue 17, item 7: wave_count = 2**63 - 1 loaded, then wrapped negative at the next step."""
+    p = torch.nn.Parameter(torch.randn(4))
+    opt = WaveAdam([p], buffer_size=2)
+    for _ in range(3):
+        p.grad = torch.randn(4)
+        opt.step()
+    saved = copy.deepcopy(opt.state_dict())
+    saved["state"][0]["wave_count"] = count if count >= 2**63 else torch.tensor(count)
+    before = copy.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError, match=re.escape("wave_count must be an int in [0, 2**62)")):
+        opt.load_state_dict(saved)
+    assert opt.state[p]["wave_count"] == before["state"][0]["wave_count"]
+
+
+@pytest.mark.parametrize("wrapped", [False, True], ids=["WaveAdam", "wave_guard"])
+def test_the_same_parameter_twice_in_a_group_is_a_clear_error(wrapped):
+    """Issue 17, item 7: it failed with a misleading KeyError; torch only warns."""
+    import warnings
+
+    from waveguard_optim import wave_guard
+
+    p = torch.nn.Parameter(torch.randn(4))
+    with pytest.raises(ValueError, match="same parameter .* at positions 0 and 1"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's own duplicate warning
+        if wrapped:
+            opt = torch.optim.Adam([p, p])
+            wave_guard(opt)
+            p.grad = torch.randn(4)
+            opt.step()
+        else:
+            WaveAdam([p, p])

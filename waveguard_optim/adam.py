@@ -78,6 +78,7 @@ class WaveAdam(WaveGuardMixin, torch.optim.Adam):
                 loss = closure()
         if self._amp_step_skipped():
             return loss
+        self._check_groups()
 
         for group in self.param_groups:
             self._check_dense(group)

@@ -12,9 +12,9 @@ from torch import Tensor
 
 from ._compat import default_foreach
 from .denoise import claim_histories, record_and_filter
-from .history import COUNT_KEY, as_count, restore_history, split_checkpoint, unclaim
+from .history import COUNT_KEY, as_count, restore_history, restored_on_failure, split_checkpoint, unclaim
 from .kernels.dispatch import fused_backend, fused_by_default
-from .options import WAVE_DEFAULTS, buffer_dtype_name, check_wave_options, filter_options
+from .options import WAVE_DEFAULTS, buffer_dtype_name, check_distinct_params, check_param_groups, check_wave_options, filter_options
 from .stats import wave_stats as _wave_stats
 
 # What the kernels take: a sharded parameter (FSDP2's DTensor) is its own tensor subclass.
@@ -49,6 +49,9 @@ class WaveGuardMixin(torch.optim.Optimizer):
             if name in self.defaults:
                 param_group.setdefault(name, self.defaults[name])
         param_group.update(check_wave_options({k: param_group[k] for k in WAVE_DEFAULTS if k in param_group}))
+        if not isinstance(param_group["params"], (Tensor, set)):  # torch's add_param_group: a Tensor, or a list (a set is refused)
+            param_group["params"] = list(param_group["params"])
+            check_distinct_params(param_group["params"])
         super().add_param_group(param_group)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -68,17 +71,24 @@ class WaveGuardMixin(torch.optim.Optimizer):
 
         The history comes back with its own dtype (torch would cast it to the parameter's);
         a torch checkpoint starts the history empty; a malformed history is refused with a
-        ``ValueError`` before anything changes.
+        ``ValueError`` before anything changes. When torch's own load raises (a ``step`` of
+        ``'1'``: torch half-applies then), the optimizer's state and param groups are put back.
         """
         torch_part, wave_part = split_checkpoint(self.param_groups, state_dict, WAVE_DEFAULTS)
-        super().load_state_dict(torch_part)
-        restore_history(self.state, wave_part)
+        with restored_on_failure(self):
+            super().load_state_dict(torch_part)
+            restore_history(self.state, wave_part)
 
     def wave_stats(self) -> list[dict[str, float]]:
         """Per param group summaries of the filter's last step, as plain floats: ``filtered``,
         ``gate``, ``threshold``, ``noise``, ``zeroed``, ``relative_change`` (see
         :mod:`waveguard_optim.stats`). Recomputed from the history when called; steps track nothing."""
         return _wave_stats(self)
+
+    def _check_groups(self) -> None:
+        """At the start of a step, before any state changes: every group's wave options are valid
+        (as the constructor checks them; a group can be edited afterwards)."""
+        check_param_groups(self.param_groups)
 
     def _check_dense(self, group: dict[str, Any]) -> None:
         for p in group["params"]:
@@ -121,13 +131,14 @@ class WaveGuardMixin(torch.optim.Optimizer):
     def _fused_step(self, group: dict[str, Any], params: list[Tensor], run: Callable[[list[list[Tensor]], list[bool]], None]) -> None:
         """Claim the ring slots and ``run(histories, full)`` the kernel. A kernel refuses what it
         cannot take (a dtype, a missing back end) before it writes anything; the claims are
-        then undone, so a failed step leaves the wave state as it was."""
+        then undone, so a failed step leaves the wave state as it was. So does an interrupted one
+        (Ctrl-C during the first step's compile): any ``BaseException`` is rolled back and re-raised."""
         states = [self.state[p] for p in params]
         had_history = [COUNT_KEY in st for st in states]
         histories, full = self._claim(group, params, states)
         try:
             run(histories, full)
-        except Exception:
+        except BaseException:
             unclaim(states, had_history, group["buffer_size"])
             raise
 

@@ -162,9 +162,10 @@ def _gate(approx: list[TensorList], details: list[TensorList]) -> TensorList:
     scaled = [torch._foreach_mul(c, scale) for c in coefficients]
     e_fine = _sum_of_squares(scaled[len(approx) :])
     total = torch._foreach_add(_sum_of_squares(scaled[: len(approx)]), e_fine)
-    # total >= 0; raising an exact 0 to the smallest subnormal makes 0/0 -> 0 and changes nothing else.
-    finfo = torch.finfo(total[0].dtype)
-    torch._foreach_clamp_min_(total, finfo.smallest_normal * finfo.eps)
+    # total is 0, NaN or >= (2^-22)^2 (the largest coefficient is scaled to >= 2^-22, 2^-51 in
+    # float64): raising an exact 0 to the smallest *normal* number makes 0/0 -> 0 and changes nothing
+    # else. Not a subnormal floor: torch.set_flush_denormal(True) would flush it to 0 (0/0 = NaN).
+    torch._foreach_clamp_min_(total, torch.finfo(total[0].dtype).smallest_normal)
     torch._foreach_div_(e_fine, total)
     return e_fine
 

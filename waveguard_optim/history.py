@@ -12,13 +12,14 @@ before torch's load and put back after it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from .kernels._checks import byte_span, overlaps_itself
+from .kernels._checks import byte_span, check_memory, overlaps_itself
 from .options import BUFFER_DTYPES, check_wave_options
 
 COUNT_KEY = "wave_count"
@@ -96,13 +97,18 @@ def time_ordered(state: Mapping[str, Any], buffer_size: int, count: int) -> list
     return [state[k] for k in keys[start:] + keys[:start]]
 
 
+MAX_COUNT = 2**62
+"""A loaded ``wave_count`` is below this: an int64 count near 2**63 - 1 would wrap negative a
+step later (no run records 2**62 gradients)."""
+
+
 def _count(value: Any) -> int | None:
     """A checkpoint's ``wave_count`` as an int, from an int (older checkpoints) or a 0-dim
-    integer tensor; None when it is neither, or negative."""
+    integer tensor; None when it is neither, or outside [0, MAX_COUNT)."""
     if isinstance(value, Tensor) and value.dim() == 0 and value.device.type != "meta":
         if not (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool):
             value = int(value)
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+    return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < MAX_COUNT else None
 
 
 def _slot_dtype_ok(slot: Tensor, p: Tensor) -> bool:
@@ -115,7 +121,7 @@ def _slot_dtype_ok(slot: Tensor, p: Tensor) -> bool:
 
 def _history_problem(wave: Mapping[str, Any], p: Tensor, buffer_size: int) -> str | None:
     if _count(wave.get(COUNT_KEY)) is None:
-        return f"{COUNT_KEY} must be an int >= 0, got {wave.get(COUNT_KEY)!r}"
+        return f"{COUNT_KEY} must be an int in [0, 2**62), got {wave.get(COUNT_KEY)!r}"
     expected = {slot_key(i) for i in range(buffer_size)}
     found = set(wave) - {COUNT_KEY}
     if found != expected:
@@ -148,6 +154,28 @@ def _placed(wave_state: Mapping[Tensor, Mapping[str, Any]]) -> dict[Tensor, dict
             out[p][k] = out[p][k].clone(memory_format=torch.contiguous_format)
         reach = max(reach, end)
     return out
+
+
+def _local(t: Tensor) -> Tensor:
+    """The memory a tensor holds here: a DTensor's (FSDP2) local shard, whose ``data_ptr`` is real."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _refuse_shared(placed: Mapping[Tensor, Mapping[str, Any]], others: list[Tensor]) -> None:
+    """Refuse slots that share memory with another state tensor of the checkpoint (``exp_avg``,
+    ...) or a parameter: a step writes both in place (the kernels would refuse every step; the
+    eager path would train on the mixed values). Slots among themselves were made distinct by
+    ``_placed``."""
+    slots = [_local(v) for wave in placed.values() for k, v in wave.items() if k != COUNT_KEY]
+    others = [_local(t) for t in others if t.device.type != "meta"]
+    try:
+        check_memory("checkpoint", dict(wave_history=slots), dict(other_tensors=others))
+    except RuntimeError as err:
+        message = str(err).split(";")[0]
+        raise ValueError(
+            f"Refusing checkpoint: a WaveGuard history slot shares memory with another state tensor or a parameter "
+            f"({message}). The optimizer was left unchanged."
+        ) from None
 
 
 def split_checkpoint(
@@ -192,10 +220,27 @@ def split_checkpoint(
                 )
             wave_state[p] = wave
         state[pid] = {k: v for k, v in p_state.items() if not is_wave_key(k)}
-    return {**state_dict, "state": state, "param_groups": groups}, _placed(wave_state)
+    placed = _placed(wave_state)
+    others = [v for p_state in state.values() for v in p_state.values() if isinstance(v, Tensor)]
+    _refuse_shared(placed, others + [p for group in param_groups for p in group["params"]])
+    return {**state_dict, "state": state, "param_groups": groups}, placed
 
 
 def restore_history(state: Mapping[Tensor, dict[str, Any]], wave_state: Mapping[Tensor, Mapping[str, Any]]) -> None:
     """Put the wave state from ``split_checkpoint`` (validated and placed) back after torch's load."""
     for p, wave in wave_state.items():
         state[p].update(wave)
+
+
+@contextlib.contextmanager
+def restored_on_failure(optimizer: torch.optim.Optimizer) -> Iterator[None]:
+    """Put the optimizer's state and param groups back if the block raises. torch's
+    ``load_state_dict`` builds a new state and new groups and installs them before its
+    ``__setstate__`` can still fail (Adam's, on a ``step`` of ``'1'``): the old ones are not
+    modified, so holding on to them is a snapshot."""
+    before = {name: optimizer.__dict__[name] for name in ("state", "param_groups")}
+    try:
+        yield
+    except BaseException:
+        optimizer.__dict__.update(before)
+        raise

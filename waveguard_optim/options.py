@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -62,6 +62,30 @@ def check_wave_options(options: Mapping[str, Any]) -> dict[str, Any]:
         if problem is not None:
             raise ValueError(f"Invalid {name}: {value!r} ({problem})")
     return {name: buffer_dtype_name(value) if name == "buffer_dtype" else value for name, value in options.items()}
+
+
+def check_param_groups(groups: Sequence[Mapping[str, Any]]) -> None:
+    """``check_wave_options`` on every group, at step time (a group's options can be written
+    straight into it after construction), before any group's state changes: ``ValueError``
+    ``param group <i>: Invalid <name>: <value> (...)``."""
+    for index, group in enumerate(groups):
+        try:
+            check_wave_options({name: group[name] for name in WAVE_DEFAULTS if name in group})
+        except ValueError as err:
+            raise ValueError(f"param group {index}: {err}") from None
+
+
+def check_distinct_params(params: Sequence[Any]) -> None:
+    """Refuse a param group that holds one Parameter twice (torch only warns; each would claim
+    the same history slot twice in one step)."""
+    seen: dict[int, int] = {}
+    for i, p in enumerate(params):
+        j = seen.setdefault(id(p), i)
+        if j != i:
+            raise ValueError(
+                f"Invalid params: the same parameter (shape {tuple(p.shape)}) is at positions {j} and {i} of one "
+                "param group; a parameter may appear once (torch: 'optimizer contains a parameter group with duplicate parameters')"
+            )
 
 
 def filter_options(group: Mapping[str, Any]) -> dict[str, Any]:

@@ -65,6 +65,7 @@ class WaveSGD(WaveGuardMixin, torch.optim.SGD):
                 loss = closure()
         if self._amp_step_skipped():
             return loss
+        self._check_groups()
 
         for group in self.param_groups:
             self._check_dense(group)

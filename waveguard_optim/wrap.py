@@ -47,15 +47,15 @@ from torch.utils.hooks import RemovableHandle
 from ._compat import default_foreach
 from .base import WaveGuardMixin
 from .denoise import claim_histories, record_and_filter
-from .history import COUNT_KEY, restore_history, split_checkpoint
-from .options import WAVE_DEFAULTS, check_wave_options, filter_options
+from .history import COUNT_KEY, restore_history, restored_on_failure, split_checkpoint
+from .options import WAVE_DEFAULTS, check_distinct_params, check_param_groups, check_wave_options, filter_options
 from .stats import wave_stats
 
 __all__ = ["wave_guard", "WaveGuardHandle"]
 
 _HANDLE_ATTR = "_wave_guard_handle"
 # Instance attributes that wave_guard sets and remove() deletes.
-_ATTACHED = (_HANDLE_ATTR, "wave_stats", "__reduce_ex__")
+_ATTACHED = (_HANDLE_ATTR, "wave_stats", "__reduce_ex__", "load_state_dict")
 
 
 def _use_foreach(group: dict[str, Any], params: list[Tensor]) -> bool:
@@ -113,10 +113,9 @@ class WaveGuardHandle:
         for index, group in enumerate(optimizer.param_groups):
             if any(name not in group for name in WAVE_DEFAULTS):
                 raise RuntimeError(f"wave_guard: param group {index} has no WaveGuard options (added by hand?)")
-            try:
-                check_wave_options({name: group[name] for name in WAVE_DEFAULTS})
-            except ValueError as err:
-                raise ValueError(f"wave_guard: param group {index}: {err}") from None
+            check_distinct_params(group["params"])
+        check_param_groups(optimizer.param_groups)
+        for group in optimizer.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             for p in params:
                 if p.grad.is_sparse:
@@ -313,7 +312,15 @@ def _attach(optimizer: torch.optim.Optimizer) -> WaveGuardHandle:
     optimizer.wave_stats = types.MethodType(wave_stats, optimizer)  # type: ignore[attr-defined]
     # pickle and copy look __reduce_ex__ up on the instance: the copy is wrapped again.
     optimizer.__reduce_ex__ = types.MethodType(_reduce_wrapped, optimizer)  # type: ignore[method-assign]
+    optimizer.load_state_dict = types.MethodType(_load_or_restore, optimizer)  # type: ignore[method-assign]
     return handle
+
+
+def _load_or_restore(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> None:
+    """The optimizer's own ``load_state_dict`` (which runs the load hooks), undone if torch's part
+    raises after installing its new state: a checkpoint loads fully or is refused untouched."""
+    with restored_on_failure(optimizer):
+        type(optimizer).load_state_dict(optimizer, state_dict)
 
 
 def _reduce_wrapped(optimizer: torch.optim.Optimizer, protocol: int) -> tuple[Any, ...]:
