@@ -61,8 +61,9 @@ from waveguard_optim._warnings import warn
 from waveguard_optim.filter import compute_dtype, filter_weights, fold_filter, threshold_scale_factor
 from waveguard_optim.kernels import cpu_c
 from waveguard_optim.kernels._checks import check_state_dtypes, check_step_memory, check_steps
+from waveguard_optim.kernels.plan import StepPlan
 
-__all__ = ["fused_wave_adam_", "fused_wave_sgd_", "cpu_fused_available"]
+__all__ = ["fused_wave_adam_", "fused_wave_sgd_", "cpu_fused_available", "make_plan", "planned_wave_adam_", "planned_wave_sgd_"]
 
 C_CHUNK = 1 << 15
 """Elements per work item of the C kernel."""
@@ -408,15 +409,49 @@ def _run_c(
     width = len(operands) // len(full)
     sizes = np.array([p.numel() for p in operands[::width]], dtype=np.int64)
     ptrs = np.array(list(map(Tensor.data_ptr, operands)), dtype=np.int64)
-    owner, offset, length = _chunks(sizes, C_CHUNK)
+    _launch_c(kernel, algo, ptrs, sizes, full, first, step_size, bc2_sqrt, filter_constants, scalars, {})
+    # Written through raw pointers: tell autograd, as torch's in-place ops do (a graph that saved
+    # a parameter then refuses to backward through the stale value).
+    written = [0, *range(2, width - n), width - 1]  # p, the state columns, the newest slot
+    torch.autograd.graph.increment_version([t for k in written for t in operands[k::width]])
+
+
+def _launch_c(
+    kernel: cpu_c.Kernel,
+    algo: str,
+    ptrs: np.ndarray,
+    sizes: np.ndarray,
+    full: Any,
+    first: Any,
+    step_size: Sequence[float],
+    bc2_sqrt: Sequence[float],
+    filter_constants: tuple[Any, ...],
+    scalars: dict[str, float],
+    cache: dict[Any, Any],
+) -> None:
+    """One call of ``kernel`` on the address table ``ptrs`` (a row per tensor, int64): the chunks
+    and the thread ranges depend on ``sizes`` only, and are kept in ``cache`` (a plan's)."""
+    chunks = cache.get("chunks")
+    if chunks is None:
+        chunks = cache["chunks"] = _chunks(sizes, C_CHUNK)
+    owner, offset, length = chunks
+    threads_wanted = torch.get_num_threads()
+    edges = cache.get(("edges", threads_wanted))
+    if edges is None:
+        total = int(length.sum())
+        threads = max(1, min(threads_wanted, len(owner), total // MIN_ELEMENTS_PER_THREAD))
+        # Contiguous ranges of chunks with about equal element counts, one per thread.
+        bounds = np.searchsorted(np.cumsum(length), [total * k // threads for k in range(1, threads)], side="right")
+        edges = cache[("edges", threads_wanted)] = np.array([0, *bounds.tolist(), len(owner)], dtype=np.int64)
+    threads = len(edges) - 1
     w, neg_u = filter_constants[:2]
     arrays = (
-        ptrs,
+        np.ascontiguousarray(ptrs, dtype=np.int64),
         owner,
         offset,
         length,
-        np.array(full, dtype=np.uint8),
-        np.array(first, dtype=np.uint8),
+        np.asarray(full, dtype=np.uint8),
+        np.asarray(first, dtype=np.uint8),
         np.asarray(step_size, dtype=np.float64),
         np.asarray(bc2_sqrt, dtype=np.float64),
         np.array(w, dtype=np.float64),
@@ -424,11 +459,6 @@ def _run_c(
         np.array([scalars[name] for name in cpu_c.SCALARS[algo]], dtype=np.float64),
     )
     pointers = [a.ctypes.data for a in arrays]
-    total = int(length.sum())
-    threads = max(1, min(torch.get_num_threads(), len(owner), total // MIN_ELEMENTS_PER_THREAD))
-    # Contiguous ranges of chunks with about equal element counts, one per thread.
-    bounds = np.searchsorted(np.cumsum(length), [total * k // threads for k in range(1, threads)], side="right")
-    edges = np.array([0, *bounds.tolist(), len(owner)], dtype=np.int64)
     if kernel.parallel or threads == 1:
         kernel.run(edges.ctypes.data, threads, *pointers)
     else:  # no OpenMP: a range per Python thread (ctypes releases the GIL during the call)
@@ -437,10 +467,6 @@ def _run_c(
         kernel.run(ranges[0], 1, *pointers)
         for future in futures:
             future.result()
-    # Written through raw pointers: tell autograd, as torch's in-place ops do (a graph that saved
-    # a parameter then refuses to backward through the stale value).
-    written = [0, *range(2, width - n), width - 1]  # p, the state columns, the newest slot
-    torch.autograd.graph.increment_version([t for k in written for t in operands[k::width]])
 
 
 # ---------------------------------------------------------------------------------------
@@ -605,6 +631,51 @@ def _torch_sgd(
     ops.finish()
 
 
+def _adam_options(
+    beta1: float | Tensor, beta2: float | Tensor, lr: float | Tensor, weight_decay: float | Tensor, decoupled: bool,
+    amsgrad: bool, snr_gate: bool, decay: float, pdtype: torch.dtype,
+) -> tuple[dict[str, bool], dict[str, float], float, float]:
+    """``(switches, hyper, beta2, weight_decay)`` of an Adam step: the C variant's switches (by
+    name: ``cpu_c.OPTIONS``) and the scalars of ``_adam_scalars``."""
+    b2, wd = _to_float(beta2), _to_float(weight_decay)
+    hyper = _adam_scalars(beta1, beta2, lr, wd, pdtype)
+    switches = dict(
+        amsgrad=amsgrad,
+        l2=wd != 0 and not decoupled,
+        decoupled=wd != 0 and decoupled,
+        lerp_small=abs(hyper["lw"]) < 0.5,  # which of torch's two lerp formulas
+        gate=snr_gate,
+        newest=decay == 0,
+    )
+    return switches, hyper, b2, wd
+
+
+def _adam_c_scalars(
+    scale: float | None, maximize: bool, constants: tuple[Any, ...], pdtype: torch.dtype, hyper: dict[str, float], b2: float, eps: float, wd: float
+) -> dict[str, float]:
+    alpha = functools.partial(_as_alpha, pdtype)
+    return _common_scalars(scale, maximize, constants, pdtype) | hyper | dict(
+        beta2=b2,
+        eps=alpha(eps),  # add_(eps)
+        wd=alpha(wd),  # grad.add(param, alpha=weight_decay)
+    )
+
+
+def _sgd_switches(mom: float, wd: float, nesterov: bool, snr_gate: bool, decay: float) -> dict[str, bool]:
+    return dict(momentum=mom != 0, l2=wd != 0, nesterov=nesterov, gate=snr_gate, newest=decay == 0)
+
+
+def _sgd_c_scalars(scale: float | None, maximize: bool, constants: tuple[Any, ...], pdtype: torch.dtype, lr: float, wd: float, mom: float, damp: float) -> dict[str, float]:
+    alpha = functools.partial(_as_alpha, pdtype)
+    return _common_scalars(scale, maximize, constants, pdtype) | dict(
+        wd=alpha(wd),  # grad.add(param, alpha=weight_decay)
+        mom=mom,  # buf.mul_(momentum)
+        damp=alpha(1 - damp),  # buf.add_(grad, alpha=1 - dampening)
+        nlr=alpha(-lr),  # param.add_(grad, alpha=-lr)
+        nmom=alpha(mom),  # grad.add(buf, alpha=momentum)
+    )
+
+
 # ---------------------------------------------------------------------------------------
 # Public entry points.
 
@@ -648,18 +719,8 @@ def fused_wave_adam_(
     check_steps("fused_wave_adam_", state_steps)
     _check_operands("fused_wave_adam_", params, grads, state, histories, state_steps)
     use = _resolve_backend(backend)
-    b2, wd = _to_float(beta2), _to_float(weight_decay)
     scale = None if grad_scale is None else _to_float(grad_scale)
-    wd_mode = "none" if wd == 0 else ("decoupled" if decoupled_weight_decay else "l2")
-    hyper = _adam_scalars(beta1, beta2, lr, wd, params[0].dtype)
-    switches = dict(
-        amsgrad=amsgrad,
-        l2=wd_mode == "l2",
-        decoupled=wd_mode == "decoupled",
-        lerp_small=abs(hyper["lw"]) < 0.5,  # which of torch's two lerp formulas
-        gate=snr_gate,
-        newest=decay == 0,
-    )
+    switches, hyper, b2, wd = _adam_options(beta1, beta2, lr, weight_decay, decoupled_weight_decay, amsgrad, snr_gate, decay, params[0].dtype)
     plans = _plans(
         "adam", switches, groups, use == "c" and _exact_reciprocal(scale), _c_required(backend, strict), decay, threshold_scale
     )
@@ -680,12 +741,7 @@ def fused_wave_adam_(
             continue
         ops = _Operands()
         operands = ops.rows(pick(params), pick(grads), [pick(c) for c in state.values()], pick(histories), pdtype)
-        alpha = functools.partial(_as_alpha, pdtype)
-        scalars = _common_scalars(scale, maximize, constants, pdtype) | hyper | dict(
-            beta2=b2,
-            eps=alpha(eps),  # add_(eps)
-            wd=alpha(wd),  # grad.add(param, alpha=weight_decay)
-        )
+        scalars = _adam_c_scalars(scale, maximize, constants, pdtype, hyper, b2, eps, wd)
         _run_c(kernel, "adam", n, operands, pick(full), [False] * len(members), pick(step_size), pick(bc2_sqrt), constants, scalars)
         ops.finish()
 
@@ -727,6 +783,7 @@ def fused_wave_sgd_(
     use = _resolve_backend(backend)
     lr_, wd, mom, damp = _to_float(lr), _to_float(weight_decay), float(momentum), float(dampening)
     scale = None if grad_scale is None else _to_float(grad_scale)
+    switches = _sgd_switches(mom, wd, nesterov, snr_gate, decay)
     first = [False] * len(params)
     if mom != 0:
         for i, buf in enumerate(momentum_buffers):
@@ -735,7 +792,6 @@ def fused_wave_sgd_(
                 first[i] = True
     buffers: list[Tensor] = momentum_buffers  # type: ignore[assignment]
 
-    switches = dict(momentum=mom != 0, l2=wd != 0, nesterov=nesterov, gate=snr_gate, newest=decay == 0)
     plans = _plans(
         "sgd", switches, groups, use == "c" and _exact_reciprocal(scale), _c_required(backend, strict), decay, threshold_scale
     )
@@ -751,14 +807,126 @@ def fused_wave_sgd_(
             continue
         ops = _Operands()
         operands = ops.rows(pick(params), pick(grads), [pick(buffers)] if mom != 0 else [], pick(histories), pdtype)
-        alpha = functools.partial(_as_alpha, pdtype)
-        scalars = _common_scalars(scale, maximize, constants, pdtype) | dict(
-            wd=alpha(wd),  # grad.add(param, alpha=weight_decay)
-            mom=mom,  # buf.mul_(momentum)
-            damp=alpha(1 - damp),  # buf.add_(grad, alpha=1 - dampening)
-            nlr=alpha(-lr_),  # param.add_(grad, alpha=-lr)
-            nmom=alpha(mom),  # grad.add(buf, alpha=momentum)
-        )
+        scalars = _sgd_c_scalars(scale, maximize, constants, pdtype, lr_, wd, mom, damp)
         zeros = [0.0] * len(members)
         _run_c(kernel, "sgd", n, operands, pick(full), pick(first), zeros, zeros, constants, scalars)
         ops.finish()
+
+
+# ---------------------------------------------------------------------------------------
+# Planned steps: a param group's operands validated once (see kernels/plan.py).
+
+
+def make_plan(params: list[Tensor], columns: list[list[Tensor]], steps: list[Tensor], states: list[dict[str, Any]], buffer_size: int) -> StepPlan | None:
+    """A :class:`StepPlan` of tensors a full step has just accepted, where the planned step
+    can take them all in one C kernel call: real, contiguous and of the parameters' dtype (slots
+    of one dtype of their own); else None (the full step's copies and mixed dtypes stay there)."""
+    if not params or any(c is None for column in columns for c in column) or params[0].is_complex():
+        return None
+    pdtype = params[0].dtype
+    if pdtype not in _KINDS or not all(t.dtype == pdtype and t.is_contiguous() and t.is_cpu for t in itertools.chain(params, *columns)):
+        return None
+    try:
+        plan = StepPlan(params, columns, steps, states, buffer_size)
+    except RuntimeError:  # two slots share memory: the full step refuses that when one of them is written
+        return None
+    if not all(c.is_cpu and c.dtype == torch.int64 and c.numel() == 1 for c in plan.counts):
+        return None
+    slot_dtypes = set(map(_DTYPE, itertools.chain.from_iterable(plan.slots)))
+    if len(slot_dtypes) != 1 or not slot_dtypes <= _KINDS.keys() or not all(t.is_contiguous() for h in plan.slots for t in h):
+        return None
+    plan.cache["kinds"] = (_KINDS[pdtype], _KINDS[next(iter(slot_dtypes))])
+    return plan
+
+
+def _planned_kernel(plan: StepPlan, algo: str, switches: dict[str, bool], scale: float | None, decay: float, threshold_scale: float, backend: str | None, strict: bool) -> cpu_c.Kernel | None:
+    """The C variant for a planned step, or None where the full step must run (the torch back
+    end: no compiler, a grad scale that is not a power of two, weights no variant evaluates exactly)."""
+    if _resolve_backend(backend) != "c" or not _exact_reciprocal(scale) or not _filter_constants(plan.buffer_size, decay, threshold_scale)[4]:
+        return None
+    return _c_kernel(algo, switches, *plan.cache["kinds"], plan.buffer_size, _c_required(backend, strict))
+
+
+def _planned_ptrs(plan: StepPlan, grads: list[Tensor]) -> tuple[np.ndarray, np.ndarray]:
+    """The address table of this step (p, grad, state columns, slots oldest first) and ``full``."""
+    slots, full = plan.ring()
+    grad_ptrs = np.fromiter(map(Tensor.data_ptr, grads), dtype=np.int64, count=plan.rows)
+    fixed = plan.fixed_ptrs
+    return np.concatenate([fixed[:, :1], grad_ptrs[:, None], fixed[:, 1:], slots], axis=1), full
+
+
+@torch.compiler.disable
+def planned_wave_adam_(
+    plan: StepPlan,
+    grads: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    decay: float,
+    threshold_scale: float,
+    snr_gate: bool,
+    amsgrad: bool,
+    beta1: float | Tensor,
+    beta2: float | Tensor,
+    lr: float | Tensor,
+    weight_decay: float,
+    eps: float,
+    maximize: bool,
+    decoupled_weight_decay: bool,
+    grad_scale: Tensor | None = None,
+    backend: str | None = None,
+    strict: bool = False,
+) -> bool:
+    """:func:`fused_wave_adam_` on a confirmed plan (``plan.confirm`` returned True for these
+    grads): records, filters, updates and advances the ring counts. False, with nothing changed,
+    where the planned step does not apply (then take the full step)."""
+    scale = None if grad_scale is None else _to_float(grad_scale)
+    if plan.fixed_ptrs.shape[1] != (4 if amsgrad else 3):
+        return False
+    switches, hyper, b2, wd = _adam_options(beta1, beta2, lr, weight_decay, decoupled_weight_decay, amsgrad, snr_gate, decay, plan.dtype)
+    kernel = _planned_kernel(plan, "adam", switches, scale, decay, threshold_scale, backend, strict)
+    if kernel is None:
+        return False
+    ptrs, full = _planned_ptrs(plan, grads)
+    constants = _filter_constants(plan.buffer_size, decay, threshold_scale)
+    scalars = _adam_c_scalars(scale, maximize, constants, plan.dtype, hyper, b2, eps, wd)
+    step_size, bc2_sqrt = _adam_steps(state_steps, lr, beta1, beta2, kernel)
+    _launch_c(kernel, "adam", ptrs, plan.sizes, full, np.zeros(plan.rows, np.uint8), step_size, bc2_sqrt, constants, scalars, plan.cache)
+    plan.advance()
+    return True
+
+
+@torch.compiler.disable
+def planned_wave_sgd_(
+    plan: StepPlan,
+    grads: list[Tensor],
+    *,
+    decay: float,
+    threshold_scale: float,
+    snr_gate: bool,
+    weight_decay: float | Tensor,
+    momentum: float,
+    lr: float | Tensor,
+    dampening: float,
+    nesterov: bool,
+    maximize: bool,
+    grad_scale: Tensor | None = None,
+    backend: str | None = None,
+    strict: bool = False,
+) -> bool:
+    """:func:`fused_wave_sgd_` on a confirmed plan whose momentum buffers all exist; as
+    :func:`planned_wave_adam_`."""
+    lr_, wd, mom, damp = _to_float(lr), _to_float(weight_decay), float(momentum), float(dampening)
+    scale = None if grad_scale is None else _to_float(grad_scale)
+    if plan.fixed_ptrs.shape[1] != (2 if mom != 0 else 1):
+        return False
+    switches = _sgd_switches(mom, wd, nesterov, snr_gate, decay)
+    kernel = _planned_kernel(plan, "sgd", switches, scale, decay, threshold_scale, backend, strict)
+    if kernel is None:
+        return False
+    ptrs, full = _planned_ptrs(plan, grads)
+    constants = _filter_constants(plan.buffer_size, decay, threshold_scale)
+    scalars = _sgd_c_scalars(scale, maximize, constants, plan.dtype, lr_, wd, mom, damp)
+    zeros = np.zeros(plan.rows)
+    _launch_c(kernel, "sgd", ptrs, plan.sizes, full, zeros.astype(np.uint8), zeros, zeros, constants, scalars, plan.cache)
+    plan.advance()
+    return True

@@ -103,10 +103,15 @@ class WaveAdam(WaveGuardMixin, torch.optim.Adam):
                 decoupled_weight_decay=group["decoupled_weight_decay"],
             )
             if kernels is not None:
-                self._fused_step(group, params, lambda histories, full: kernels.fused_wave_adam_(
-                    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, histories, full,
-                    **self._wave_args(group), **update, strict=bool(group["fused"]),
-                ))  # fmt: skip
+                options = dict(**self._wave_args(group), **update, strict=bool(group["fused"]))
+                columns = [exp_avgs, exp_avg_sqs, *([max_exp_avg_sqs] if group["amsgrad"] else [])]
+                self._fused_step(
+                    group, params, (grads, columns, state_steps), kernels,
+                    lambda plan: kernels.planned_wave_adam_(plan, grads, state_steps, **options),
+                    lambda histories, full: kernels.fused_wave_adam_(
+                        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, histories, full, **options
+                    ),
+                )  # fmt: skip
                 continue
             adam_functional(
                 params,

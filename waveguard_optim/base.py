@@ -21,6 +21,11 @@ from .stats import wave_stats as _wave_stats
 _PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
 
 
+# torch.compile: the plan's checks are host bookkeeping on numpy arrays; they run as opaque calls.
+_confirmed = torch.compiler.disable(lambda plan, *operands: plan.confirm(*operands))
+_made = torch.compiler.disable(lambda make, *operands: make(*operands))
+
+
 class WaveGuardMixin(torch.optim.Optimizer):
     """Mixed in before a torch optimizer class: ``class WaveAdam(WaveGuardMixin, Adam)``.
 
@@ -75,6 +80,7 @@ class WaveGuardMixin(torch.optim.Optimizer):
         ``'1'``: torch half-applies then), the optimizer's state and param groups are put back.
         """
         torch_part, wave_part = split_checkpoint(self.param_groups, state_dict, WAVE_DEFAULTS)
+        self._wave_plans().clear()  # drop the old tensors now (a plan would not confirm them anyway)
         with restored_on_failure(self):
             super().load_state_dict(torch_part)
             restore_history(self.state, wave_part)
@@ -128,12 +134,33 @@ class WaveGuardMixin(torch.optim.Optimizer):
     def _claim(self, group: dict[str, Any], params: list[Tensor], states: list[dict[str, Any]]) -> tuple[list[list[Tensor]], list[bool]]:
         return claim_histories(params, states, buffer_size=group["buffer_size"], buffer_dtype=group["buffer_dtype"])
 
-    def _fused_step(self, group: dict[str, Any], params: list[Tensor], run: Callable[[list[list[Tensor]], list[bool]], None]) -> None:
-        """Claim the ring slots and ``run(histories, full)`` the kernel. A kernel refuses what it
-        cannot take (a dtype, a missing back end) before it writes anything; the claims are
-        then undone, so a failed step leaves the wave state as it was. So does an interrupted one
-        (Ctrl-C during the first step's compile): any ``BaseException`` is rolled back and re-raised."""
+    def _fused_step(
+        self,
+        group: dict[str, Any],
+        params: list[Tensor],
+        plan_of: tuple[list[Tensor], list[list[Tensor]], list[Tensor]],
+        kernels: ModuleType,
+        planned: Callable[[Any], bool],
+        run: Callable[[list[list[Tensor]], list[bool]], None],
+    ) -> None:
+        """One fused step of ``group``: on its cached plan (``kernels/plan.py``) when the plan
+        confirms that nothing it points at changed and ``planned(plan)`` applies, else the full
+        step: claim the ring slots and ``run(histories, full)`` the kernel, then cache a new plan
+        of the tensors it accepted. ``plan_of``: ``(grads, state columns, step counts)``.
+
+        A kernel refuses what it cannot take (a dtype, a missing back end) before it writes
+        anything; the claims are then undone, so a failed step leaves the wave state as it was.
+        So does an interrupted one (Ctrl-C during the first step's compile): any ``BaseException``
+        is rolled back and re-raised."""
+        grads, columns, steps = plan_of
         states = [self.state[p] for p in params]
+        plans = self._wave_plans()
+        index = next(i for i, g in enumerate(self.param_groups) if g is group)
+        held = plans.get(index)
+        plans.pop(index, None)
+        if held is not None and held[0] is group and _confirmed(held[1], params, columns, steps, states, grads) and planned(held[1]):
+            plans[index] = held
+            return
         had_history = [COUNT_KEY in st for st in states]
         histories, full = self._claim(group, params, states)
         try:
@@ -141,6 +168,15 @@ class WaveGuardMixin(torch.optim.Optimizer):
         except BaseException:
             unclaim(states, had_history, group["buffer_size"])
             raise
+        make = getattr(kernels, "make_plan", None)
+        plan = None if make is None else _made(make, params, columns, steps, states, group["buffer_size"])
+        if plan is not None:
+            plans[index] = (group, plan)
+
+    def _wave_plans(self) -> dict[int, tuple[dict[str, Any], Any]]:
+        """Cached step plans by param group index, with the group they were built for. Never in
+        a checkpoint or a pickle (torch's ``__getstate__`` keeps defaults, state, param_groups)."""
+        return self.__dict__.setdefault("_wave_step_plans", {})
 
     def _wave_args(self, group: dict[str, Any]) -> dict[str, Any]:
         """The keyword arguments that ``record_and_filter`` and the fused kernels share."""

@@ -84,9 +84,13 @@ class WaveSGD(WaveGuardMixin, torch.optim.SGD):
                 nesterov=group["nesterov"],
             )
             if kernels is not None:
-                self._fused_step(group, params, lambda histories, full: kernels.fused_wave_sgd_(
-                    params, grads, momentum_buffers, histories, full, **self._wave_args(group), **update, strict=bool(group["fused"])
-                ))  # fmt: skip
+                options = dict(**self._wave_args(group), **update, strict=bool(group["fused"]))
+                columns = [momentum_buffers] if group["momentum"] != 0 else []
+                self._fused_step(
+                    group, params, (grads, columns, []), kernels,
+                    lambda plan: kernels.planned_wave_sgd_(plan, grads, **options),
+                    lambda histories, full: kernels.fused_wave_sgd_(params, grads, momentum_buffers, histories, full, **options),
+                )  # fmt: skip
             else:
                 sgd_functional(
                     params,

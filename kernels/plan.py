@@ -1,0 +1,141 @@
+"""A param group's validated fused step, reused while nothing it points at changed (issue 18).
+
+The full step (``cpu_step.fused_wave_*_``) validates every operand each call: dtypes, devices,
+sizes, layout and aliasing (``_checks``), and claims the ring slots with a ``.item()`` per count.
+On many small tensors that bookkeeping costs several times the kernel. After a full step has
+validated a group's tensors, the optimizer keeps a :class:`StepPlan` of them: their addresses in
+storage order (slots ``wave_history_0 ...``, not time order) and the ring counts as numbers. A
+later step only collects the gradients and checks them, and confirms that every cached tensor
+is the same object with the same data pointer, byte count and version counter: an in-place
+write, ``resize_``, ``set_``, ``as_strided_`` or ``transpose_`` bumps the version, ``p.data = ...``
+(``model.to``) changes the pointer or the byte count, and an edited ``opt.state[p]`` or
+``load_state_dict`` puts other objects there. The plan holds every storage it points at, so a
+freed address cannot come back as another tensor's while the plan exists; a ``.data =`` that
+keeps pointer and byte count (a dtype of the same size, a transpose) reinterprets memory the
+plan holds: the kernel stays inside it, but such an edit is not detected. Any difference: the caller takes the full step,
+which validates from scratch and builds a new plan.
+"""
+
+from __future__ import annotations
+
+import itertools
+import operator
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from waveguard_optim.history import COUNT_KEY, slot_key
+from waveguard_optim.kernels._checks import check_memory
+
+_VERSION, _NBYTES = operator.attrgetter("_version"), operator.attrgetter("nbytes")
+_DTYPE, _IS_CPU, _IS_SPARSE = (operator.attrgetter(name) for name in ("dtype", "is_cpu", "is_sparse"))
+
+
+def _ints(values: Any, count: int) -> np.ndarray:
+    return np.fromiter(values, dtype=np.int64, count=count)
+
+
+class StepPlan:
+    """The cached operands of one group: ``params``, their state ``columns`` (written, a list per
+    column), ``steps`` (Adam's counts, written; SGD: none) and each parameter's slots and
+    ``wave_count`` from its state dict. Build it only from tensors a full step has just accepted."""
+
+    def __init__(
+        self, params: Sequence[Tensor], columns: Sequence[Sequence[Tensor]], steps: Sequence[Tensor], states: Sequence[dict[str, Any]], buffer_size: int
+    ) -> None:
+        n = self.buffer_size = buffer_size
+        self.fetch = operator.itemgetter(*(slot_key(i) for i in range(n)), COUNT_KEY)
+        held = list(map(self.fetch, states))
+        self.tensors = self._flat(params, columns, steps, held)
+        rows = self.rows = len(params)
+        # Every cached tensor is written on some step (the slots take turns as the newest one):
+        # none may share a byte with another (the full step allows read-read sharing of older slots).
+        check_memory("StepPlan", dict(operands=self.tensors), {})
+        self.storages = [t.untyped_storage() for t in self.tensors]  # keeps their addresses theirs
+        count = len(self.tensors)
+        self.ptrs = _ints(map(Tensor.data_ptr, self.tensors), count)
+        self.versions = _ints(map(_VERSION, self.tensors), count)
+        # What a planned step adds to each version: which slot is the newest repeats every N steps.
+        self.version_steps: list[np.ndarray | None] = [None] * n
+        self.planned_steps = 0
+        self.sizes = _ints(map(Tensor.numel, params), rows)
+        self.dtype = params[0].dtype
+        fixed = rows * (1 + len(columns)) + len(steps)
+        self.fixed_ptrs = self.ptrs[: rows * (1 + len(columns))].reshape(1 + len(columns), rows).T  # p, then each column
+        ring = self.ptrs[fixed:].reshape(rows, n + 1)
+        self.slot_ptrs = np.ascontiguousarray(ring[:, :n])
+        self.counts = [h[n] for h in held]
+        self.count_values = _ints((c.item() for c in self.counts), rows)
+        self.fixed_written = self.tensors[: rows * (1 + len(columns))]  # p and its state columns
+        self.slots = [h[:n] for h in held]
+        self.nbytes = _ints(map(_NBYTES, self.tensors), count)
+        spans = np.sort(np.stack([self.ptrs, self.ptrs + self.nbytes], 1), axis=0)
+        self.starts, self.ends = spans[:, 0], spans[:, 1]  # disjoint, so sorting both columns keeps the pairs
+        self.cache: dict[Any, Any] = {}  # the back end's derived tables (chunks, thread ranges)
+
+    @staticmethod
+    def _flat(params: Sequence[Tensor], columns: Sequence[Sequence[Tensor]], steps: Sequence[Tensor], held: Sequence[tuple[Tensor, ...]]) -> list[Tensor]:
+        return [*params, *itertools.chain.from_iterable(columns), *steps, *itertools.chain.from_iterable(held)]
+
+    def confirm(
+        self, params: Sequence[Tensor], columns: Sequence[Sequence[Tensor]], steps: Sequence[Tensor], states: Sequence[dict[str, Any]], grads: Sequence[Tensor]
+    ) -> bool:
+        """Whether this step's operands are the cached ones, unchanged, and ``grads`` are CPU
+        tensors the kernel can read: dense, of the parameters' dtype and sizes, sharing no byte
+        with a cached tensor. A state dict missing a key (a history deleted) counts as changed."""
+        if len(params) != self.rows or any(len(c) != self.rows for c in columns):
+            return False
+        try:
+            now = self._flat(params, columns, steps, list(map(self.fetch, states)))
+        except KeyError:
+            return False
+        count = len(self.tensors)
+        if len(now) != count or not all(map(operator.is_, now, self.tensors)):
+            return False
+        for get, cached in ((Tensor.data_ptr, self.ptrs), (_NBYTES, self.nbytes), (_VERSION, self.versions)):
+            if not np.array_equal(_ints(map(get, now), count), cached):
+                return False
+        return self._grads_ok(grads)
+
+    def _grads_ok(self, grads: Sequence[Tensor]) -> bool:
+        rows = self.rows
+        if len(grads) != rows or not all(map(_IS_CPU, grads)) or any(map(_IS_SPARSE, grads)):
+            return False
+        if set(map(_DTYPE, grads)) != {self.dtype} or not all(map(Tensor.is_contiguous, grads)):
+            return False
+        if not np.array_equal(_ints(map(Tensor.numel, grads), rows), self.sizes):
+            return False
+        starts = _ints(map(Tensor.data_ptr, grads), rows)
+        ends = starts + self.sizes * grads[0].element_size()
+        before = np.searchsorted(self.starts, ends, side="left") - 1  # the last cached span starting below a gradient's end
+        hit = (before >= 0) & (self.ends[np.maximum(before, 0)] > starts) & (ends > starts)
+        return not hit.any()
+
+    def ring(self) -> tuple[np.ndarray, np.ndarray]:
+        """This step's slot addresses, oldest first (newest last), and whether each history is full."""
+        n = self.buffer_size
+        start = (self.count_values + 1) % n  # as history.time_ordered after the count advanced
+        order = (start[:, None] + np.arange(n)) % n
+        return np.take_along_axis(self.slot_ptrs, order, 1), self.count_values + 1 >= n
+
+    def advance(self) -> None:
+        """Count the recorded gradient (one foreach add) and tell autograd about what the kernel
+        wrote through raw pointers (p, its state, the newest slots), as in-place torch ops would;
+        then expect the versions this leaves. The first N planned steps read them back; later
+        ones add what the step N before added (the same slots are the newest again, and views
+        sharing a version counter count the same bumps)."""
+        n = self.buffer_size
+        newest = [slots[c % n] for slots, c in zip(self.slots, self.count_values.tolist())]
+        torch.autograd.graph.increment_version(self.fixed_written + newest)
+        torch._foreach_add_(self.counts, 1)
+        self.count_values += 1
+        phase = self.planned_steps % n
+        self.planned_steps += 1
+        if self.version_steps[phase] is None:
+            after = _ints(map(_VERSION, self.tensors), len(self.tensors))
+            self.version_steps[phase], self.versions = after - self.versions, after
+        else:
+            self.versions += self.version_steps[phase]

@@ -1,0 +1,242 @@
+"""The cached step plan of the fused CPU step (``kernels/plan.py``, issue 18): a planned step
+gives the eager optimizer's numbers, and a tensor replaced or changed behind the plan's back
+leads to a rebuild (the full step validates it) or a refusal, never a write through a stale
+pointer. Written tensors are the sentinel-guarded views of ``tests/test_kernel_safety.py``: an
+unchecked write past a tensor's end shows as a failed assertion."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+import torch
+
+from test_kernel_safety import SENTINEL, _assert_refused_untouched, _planted
+from waveguard_optim import WaveAdam, WaveSGD
+from waveguard_optim.kernels import cpu_c, cpu_step
+
+pytestmark = pytest.mark.skipif(cpu_c.find_compiler() is None, reason="the plan runs the C kernel: no C compiler")
+
+SHAPES = [(30, 10), (30,), (7,)]
+N = 4
+
+
+@pytest.fixture(autouse=True)
+def _c_back_end(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WAVEGUARD_CPU_BACKEND", "c")
+
+
+def _params(seed: int = 0) -> list[torch.nn.Parameter]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(shape, generator=gen)) for shape in SHAPES]
+
+
+def _make(kind: str, params: list[torch.nn.Parameter], fused: bool) -> torch.optim.Optimizer:
+    paths: dict[str, Any] = dict(fused=True) if fused else dict(foreach=False, fused=False)
+    if kind == "adam":
+        return WaveAdam(params, lr=0.01, amsgrad=True, weight_decay=0.1, buffer_size=N, **paths)
+    return WaveSGD(params, lr=0.05, momentum=0.9, weight_decay=0.1, buffer_size=N, **paths)
+
+
+def _grads(params: list[torch.Tensor], step: int) -> None:
+    gen = torch.Generator().manual_seed(1000 + step)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype)
+
+
+class _Pair:
+    """A fused optimizer and the eager one (the reference), stepped on the same gradients."""
+
+    def __init__(self, kind: str) -> None:
+        self.p, self.q = _params(), _params()
+        self.fused, self.eager = _make(kind, self.p, True), _make(kind, self.q, False)
+        self.steps = 0
+
+    def step(self, count: int = 1) -> None:
+        for _ in range(count):
+            _grads(self.p, self.steps)
+            _grads(self.q, self.steps)
+            self.fused.step()
+            self.eager.step()
+            self.steps += 1
+            for p, q in zip(self.p, self.q):
+                torch.testing.assert_close(p.detach(), q.detach(), rtol=2e-6, atol=2e-6)
+
+    def plan(self) -> Any:
+        plans = self.fused._wave_plans()
+        return plans[0][1] if 0 in plans else None
+
+
+@pytest.fixture
+def full_steps(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts the full (validating) steps: a planned step does not call ``fused_wave_*_``."""
+    calls: list[int] = []
+    for name in ("fused_wave_adam_", "fused_wave_sgd_"):
+        original = getattr(cpu_step, name)
+        monkeypatch.setattr(cpu_step, name, lambda *a, _f=original, **k: (calls.append(1), _f(*a, **k))[1])
+    return calls
+
+
+@pytest.mark.parametrize("kind", ["adam", "sgd"])
+def test_planned_steps_match_the_eager_optimizer(kind: str, full_steps: list[int]) -> None:
+    """Warm-up and full history, the ring around twice, an lr edit on the way: one full step
+    builds the plan, every later one is planned, and all equal the eager optimizer's."""
+    pair = _Pair(kind)
+    pair.step(N + 2)
+    for group in (*pair.fused.param_groups, *pair.eager.param_groups):
+        group["lr"] *= 0.5
+    pair.step(N + 3)
+    assert len(full_steps) == 1 and pair.plan() is not None
+    for p, q in zip(pair.p, pair.q):
+        assert pair.fused.state_dict()["state"].keys() == pair.eager.state_dict()["state"].keys()
+        for key, value in pair.eager.state[q].items():
+            torch.testing.assert_close(pair.fused.state[p][key], value, rtol=2e-6, atol=2e-6)
+
+
+def _replace_p_data(pair: _Pair) -> Any:
+    backing = []
+    for params in (pair.p, pair.q):
+        view, buffer = _planted(params[0].detach().clone())
+        params[0].data = view
+        backing.append(buffer)
+    return backing[0]
+
+
+def _replace_state(key: str) -> Any:
+    def edit(pair: _Pair) -> Any:
+        view, backing = _planted(pair.fused.state[pair.p[0]][key])
+        pair.fused.state[pair.p[0]][key] = view
+        return backing
+
+    return edit
+
+
+def _set_state(key: str) -> Any:
+    def edit(pair: _Pair) -> Any:
+        t = pair.fused.state[pair.p[0]][key]
+        view, backing = _planted(t)
+        t.set_(view)  # the same tensor object, now on other memory
+        return backing
+
+    return edit
+
+
+def _reloaded(pair: _Pair) -> None:
+    saved = pair.eager.state_dict()
+    for opt in (pair.fused, pair.eager):
+        mine = copy.deepcopy(saved)  # torch's load keeps same-device tensors: no sharing between the two
+        for group, own in zip(mine["param_groups"], opt.param_groups):
+            group.update(fused=own["fused"], foreach=own["foreach"])  # each keeps its path
+        opt.load_state_dict(mine)
+    with torch.no_grad():
+        for p, q in zip(pair.p, pair.q):
+            p.copy_(q)
+
+
+def _group_added(pair: _Pair) -> None:
+    for params, opt in ((pair.p, pair.fused), (pair.q, pair.eager)):
+        extra = torch.nn.Parameter(torch.ones(5))
+        params.append(extra)
+        opt.add_param_group(dict(params=[extra]))
+
+
+# edits after which the step must rebuild its plan and equal the eager optimizer's
+REBUILDS = {
+    "p.data = other memory": _replace_p_data,
+    "opt.state[p]['wave_history_0'] replaced": _replace_state("wave_history_0"),
+    "opt.state[p]['wave_history_3'].set_(other memory)": _set_state("wave_history_3"),
+    "load_state_dict": _reloaded,
+    "add_param_group": _group_added,
+}
+ADAM_REBUILDS = {
+    "opt.state[p]['exp_avg'] replaced": _replace_state("exp_avg"),
+    "opt.state[p]['max_exp_avg_sq'].set_(other memory)": _set_state("max_exp_avg_sq"),
+}
+SGD_REBUILDS = {"opt.state[p]['momentum_buffer'] replaced": _replace_state("momentum_buffer")}
+
+
+@pytest.mark.parametrize(("kind", "case"), [(k, c) for k, cases in (("adam", {**REBUILDS, **ADAM_REBUILDS}), ("sgd", {**REBUILDS, **SGD_REBUILDS})) for c in cases])
+def test_a_tensor_replaced_behind_the_plan_rebuilds_it(kind: str, case: str, full_steps: list[int]) -> None:
+    pair = _Pair(kind)
+    pair.step(N + 1)
+    before = pair.plan()
+    assert before is not None
+    backing = {**REBUILDS, **ADAM_REBUILDS, **SGD_REBUILDS}[case](pair)
+    full_steps.clear()
+    pair.step(N + 1)
+    assert len(full_steps) == 1  # one full step, then planned again
+    if case == "add_param_group":  # the new group's plan is built; the first group's stays valid
+        assert pair.plan() is before and 1 in pair.fused._wave_plans()
+    else:
+        assert pair.plan() is not before
+    if backing is not None:
+        assert (backing[backing.numel() // 2 :] == SENTINEL).all()
+
+
+def _shrunk(key: str, how: str) -> Any:
+    def edit(opt: torch.optim.Optimizer, p: torch.Tensor) -> None:
+        t = opt.state[p][key]
+        if how == "resize_":
+            t.resize_(t.numel() - 1)
+        elif how == "set_":
+            t.set_(torch.zeros(t.numel() - 1, dtype=t.dtype))
+        else:
+            t.data = t.data.reshape(-1)[:-1]
+
+    return edit
+
+
+SHRINKS = [("adam", "exp_avg_sq"), ("adam", "wave_history_2"), ("adam", "step"), ("sgd", "momentum_buffer"), ("sgd", "wave_history_1")]
+
+
+@pytest.mark.parametrize("how", ["resize_", "set_", ".data ="])
+@pytest.mark.parametrize(("kind", "key"), SHRINKS)
+def test_a_state_tensor_shrunk_in_place_is_refused_untouched(kind: str, key: str, how: str) -> None:
+    """The same tensor object, its memory shrunk (``resize_``, ``set_``, ``.data =``): the plan
+    must not write the old size through its cached pointer; the full step refuses the size."""
+    if key == "step" and how == "resize_":
+        how = "set_"  # a 0-dim step cannot shrink; a larger one is refused as well
+    params = _params()
+    opt = _make(kind, params, True)
+    for step in range(N + 1):
+        _grads(params, step)
+        opt.step()
+    assert opt._wave_plans()
+    p = params[0]
+    view, backing = _planted(opt.state[p][key])
+    opt.state[p][key] = view
+    _grads(params, N + 1)
+    opt.step()  # rebuilt on the planted view
+    target = opt.state[p][key]
+    if key == "step":
+        target.set_(torch.zeros(2, dtype=target.dtype))
+    else:
+        _shrunk(key, how)(opt, p)
+    _grads(params, N + 2)
+    _assert_refused_untouched(opt, p, "size|one-element|elements")
+    assert (backing[backing.numel() // 2 :] == SENTINEL).all()
+
+
+def test_a_model_conversion_is_refused_untouched() -> None:
+    """``model.to(float64)`` after the plan was built: torch's Adam refuses the float32 state, so does this."""
+    params = _params()
+    opt = _make("adam", params, True)
+    for step in range(N + 1):
+        _grads(params, step)
+        opt.step()
+    model = torch.nn.ParameterList(params).to(torch.float64)
+    _grads(list(model), N + 1)
+    _assert_refused_untouched(opt, params[0], "expected dtype torch.float64")
+
+
+def test_a_gradient_sharing_memory_with_the_state_is_refused() -> None:
+    """Gradients are checked every step: one that is the slot this step writes is refused, not read while written."""
+    params = _params()
+    opt = _make("sgd", params, True)
+    for step in range(N + 1):
+        _grads(params, step)
+        opt.step()
+    p = params[1]
+    p.grad = opt.state[p][f"wave_history_{(N + 1) % N}"]  # the newest: the (N+2)-th gradient goes to slot (N+1) mod N
+    _assert_refused_untouched(opt, p, "shares memory")
