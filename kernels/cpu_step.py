@@ -61,7 +61,7 @@ from waveguard_optim._warnings import warn
 from waveguard_optim.filter import compute_dtype, filter_weights, fold_filter, threshold_scale_factor
 from waveguard_optim.kernels import cpu_c
 from waveguard_optim.kernels._checks import check_state_dtypes, check_step_memory, check_steps
-from waveguard_optim.kernels.plan import StepPlan
+from waveguard_optim.kernels.plan import StepPlan, make_plan
 
 __all__ = ["fused_wave_adam_", "fused_wave_sgd_", "cpu_fused_available", "make_plan", "planned_wave_adam_", "planned_wave_sgd_"]
 
@@ -817,34 +817,14 @@ def fused_wave_sgd_(
 # Planned steps: a param group's operands validated once (see kernels/plan.py).
 
 
-def make_plan(params: list[Tensor], columns: list[list[Tensor]], steps: list[Tensor], states: list[dict[str, Any]], buffer_size: int) -> StepPlan | None:
-    """A :class:`StepPlan` of tensors a full step has just accepted, where the planned step
-    can take them all in one C kernel call: real, contiguous and of the parameters' dtype (slots
-    of one dtype of their own); else None (the full step's copies and mixed dtypes stay there)."""
-    if not params or any(c is None for column in columns for c in column) or params[0].is_complex():
-        return None
-    pdtype = params[0].dtype
-    if pdtype not in _KINDS or not all(t.dtype == pdtype and t.is_contiguous() and t.is_cpu for t in itertools.chain(params, *columns)):
-        return None
-    try:
-        plan = StepPlan(params, columns, steps, states, buffer_size)
-    except RuntimeError:  # two slots share memory: the full step refuses that when one of them is written
-        return None
-    if not all(c.is_cpu and c.dtype == torch.int64 and c.numel() == 1 for c in plan.counts):
-        return None
-    slot_dtypes = set(map(_DTYPE, itertools.chain.from_iterable(plan.slots)))
-    if len(slot_dtypes) != 1 or not slot_dtypes <= _KINDS.keys() or not all(t.is_contiguous() for h in plan.slots for t in h):
-        return None
-    plan.cache["kinds"] = (_KINDS[pdtype], _KINDS[next(iter(slot_dtypes))])
-    return plan
-
-
 def _planned_kernel(plan: StepPlan, algo: str, switches: dict[str, bool], scale: float | None, decay: float, threshold_scale: float, backend: str | None, strict: bool) -> cpu_c.Kernel | None:
     """The C variant for a planned step, or None where the full step must run (the torch back
     end: no compiler, a grad scale that is not a power of two, weights no variant evaluates exactly)."""
     if _resolve_backend(backend) != "c" or not _exact_reciprocal(scale) or not _filter_constants(plan.buffer_size, decay, threshold_scale)[4]:
         return None
-    return _c_kernel(algo, switches, *plan.cache["kinds"], plan.buffer_size, _c_required(backend, strict))
+    if plan.dtype not in _KINDS or plan.slot_dtype not in _KINDS:
+        return None
+    return _c_kernel(algo, switches, _KINDS[plan.dtype], _KINDS[plan.slot_dtype], plan.buffer_size, _c_required(backend, strict))
 
 
 def _planned_ptrs(plan: StepPlan, grads: list[Tensor]) -> tuple[np.ndarray, np.ndarray]:

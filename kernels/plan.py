@@ -31,7 +31,7 @@ from waveguard_optim.history import COUNT_KEY, slot_key
 from waveguard_optim.kernels._checks import check_memory
 
 _VERSION, _NBYTES = operator.attrgetter("_version"), operator.attrgetter("nbytes")
-_DTYPE, _IS_CPU, _IS_SPARSE = (operator.attrgetter(name) for name in ("dtype", "is_cpu", "is_sparse"))
+_DTYPE, _IS_SPARSE = operator.attrgetter("dtype"), operator.attrgetter("is_sparse")
 
 
 def _ints(values: Any, count: int) -> np.ndarray:
@@ -62,7 +62,8 @@ class StepPlan:
         self.version_steps: list[np.ndarray | None] = [None] * n
         self.planned_steps = 0
         self.sizes = _ints(map(Tensor.numel, params), rows)
-        self.dtype = params[0].dtype
+        self.dtype, self.device = params[0].dtype, params[0].device
+        self.device_index = params[0].get_device()  # -1 on the CPU; one int per gradient to compare
         fixed = rows * (1 + len(columns)) + len(steps)
         self.fixed_ptrs = self.ptrs[: rows * (1 + len(columns))].reshape(1 + len(columns), rows).T  # p, then each column
         ring = self.ptrs[fixed:].reshape(rows, n + 1)
@@ -71,6 +72,8 @@ class StepPlan:
         self.count_values = _ints((c.item() for c in self.counts), rows)
         self.fixed_written = self.tensors[: rows * (1 + len(columns))]  # p and its state columns
         self.slots = [h[:n] for h in held]
+        self.slot_dtype = held[0][0].dtype
+        self.step_ptrs = self.ptrs[rows * (1 + len(columns)) : fixed]
         self.nbytes = _ints(map(_NBYTES, self.tensors), count)
         spans = np.sort(np.stack([self.ptrs, self.ptrs + self.nbytes], 1), axis=0)
         self.starts, self.ends = spans[:, 0], spans[:, 1]  # disjoint, so sorting both columns keeps the pairs
@@ -83,8 +86,8 @@ class StepPlan:
     def confirm(
         self, params: Sequence[Tensor], columns: Sequence[Sequence[Tensor]], steps: Sequence[Tensor], states: Sequence[dict[str, Any]], grads: Sequence[Tensor]
     ) -> bool:
-        """Whether this step's operands are the cached ones, unchanged, and ``grads`` are CPU
-        tensors the kernel can read: dense, of the parameters' dtype and sizes, sharing no byte
+        """Whether this step's operands are the cached ones, unchanged, and ``grads`` are
+        tensors the kernel can read: on the parameters' device, dense, of the parameters' dtype and sizes, sharing no byte
         with a cached tensor. A state dict missing a key (a history deleted) counts as changed."""
         if len(params) != self.rows or any(len(c) != self.rows for c in columns):
             return False
@@ -102,7 +105,7 @@ class StepPlan:
 
     def _grads_ok(self, grads: Sequence[Tensor]) -> bool:
         rows = self.rows
-        if len(grads) != rows or not all(map(_IS_CPU, grads)) or any(map(_IS_SPARSE, grads)):
+        if len(grads) != rows or set(map(Tensor.get_device, grads)) != {self.device_index} or any(map(_IS_SPARSE, grads)):
             return False
         if set(map(_DTYPE, grads)) != {self.dtype} or not all(map(Tensor.is_contiguous, grads)):
             return False
@@ -139,3 +142,25 @@ class StepPlan:
             self.version_steps[phase], self.versions = after - self.versions, after
         else:
             self.versions += self.version_steps[phase]
+
+
+def make_plan(params: list[Tensor], columns: list[list[Tensor]], steps: list[Tensor], states: list[dict[str, Any]], buffer_size: int) -> StepPlan | None:
+    """A :class:`StepPlan` of tensors a full step has just accepted, where a planned step can
+    address them all directly in one table: real tensors on one device, contiguous, the state
+    of the parameters' dtype, the slots of one dtype; counts as ``history`` keeps them (0-dim
+    int64 CPU tensors). Else None: copies, mixed dtypes and layouts stay with the full step."""
+    if not params or any(t is None for column in columns for t in column) or params[0].is_complex():
+        return None
+    pdtype, device = params[0].dtype, params[0].device
+    if not all(t.dtype == pdtype and t.device == device and t.is_contiguous() for t in itertools.chain(params, *columns)):
+        return None
+    try:
+        plan = StepPlan(params, columns, steps, states, buffer_size)
+    except RuntimeError:  # two slots share memory: the full step refuses that when one of them is written
+        return None
+    slots = list(itertools.chain.from_iterable(plan.slots))
+    if {t.dtype for t in slots} != {plan.slot_dtype} or not all(t.device == device and t.is_contiguous() for t in slots):
+        return None
+    if not all(c.is_cpu and c.dtype == torch.int64 and c.numel() == 1 for c in plan.counts):
+        return None
+    return plan

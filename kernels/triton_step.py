@@ -36,16 +36,19 @@ Triton tuples of per-element values.
 from __future__ import annotations
 
 import math
+import operator
 import os
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from waveguard_optim.filter import compute_dtype, filter_weights, median_network, threshold_scale_factor
 from waveguard_optim.kernels._checks import check_state_dtypes, check_step_memory, check_steps
+from waveguard_optim.kernels.plan import StepPlan, make_plan
 
 try:
     import triton
@@ -54,7 +57,7 @@ except ImportError:  # the package works without triton; these kernels do not
     triton = None
     tl = None
 
-__all__ = ["fused_wave_adam_", "fused_wave_sgd_", "triton_available"]
+__all__ = ["fused_wave_adam_", "fused_wave_sgd_", "triton_available", "make_plan", "planned_wave_adam_", "planned_wave_sgd_"]
 
 _SQRT_HALF = math.sqrt(0.5)  # the orthonormal Haar normalisation (SPEC section 3, step 2)
 
@@ -496,24 +499,31 @@ class _Launch:
         self.numels.append(numel)
 
     def run(self, kernel: Any, hyper: Tensor, scale: Tensor | None, buffer_size: int, **constexprs: Any) -> None:
-        block, num_warps = _launch_config(buffer_size, constexprs["ACC"] == tl.float64)
-        blocks = _blocks(tuple(self.numels), block, self.device)
-        if blocks.shape[0]:
-            table = _to_device(torch.tensor(self.rows, dtype=torch.int64), self.device)
-            kernel[(blocks.shape[0],)](
-                table,
-                blocks,
-                hyper,
-                hyper if scale is None else scale,
-                C=len(self.rows[0]),
-                BLOCK=block,
-                HAS_SCALE=scale is not None,
-                num_warps=num_warps,
-                **constexprs,
-            )
+        _launch(kernel, lambda: torch.tensor(self.rows, dtype=torch.int64), tuple(self.numels), self.device, hyper, scale, buffer_size, constexprs)
         for t, copy in self.write_back:
             t.copy_(copy)
         torch.autograd.graph.increment_version(self.written)  # as in-place torch ops would
+
+
+def _launch(
+    kernel: Any, table: Any, numels: tuple[int, ...], device: torch.device, hyper: Tensor, scale: Tensor | None, buffer_size: int, constexprs: dict[str, Any]
+) -> None:
+    """One launch over the rows of ``table()`` (an int64 host tensor, made only if there is work)."""
+    block, num_warps = _launch_config(buffer_size, constexprs["ACC"] == tl.float64)
+    blocks = _blocks(numels, block, device)
+    if blocks.shape[0]:
+        rows = _to_device(table(), device)
+        kernel[(blocks.shape[0],)](
+            rows,
+            blocks,
+            hyper,
+            hyper if scale is None else scale,
+            C=rows.shape[1],
+            BLOCK=block,
+            HAS_SCALE=scale is not None,
+            num_warps=num_warps,
+            **constexprs,
+        )
 
 
 def _filter_constexprs(
@@ -581,6 +591,9 @@ def _check(
     here = [step if step.device == device else None for step in state_steps or ()]
     check_step_memory(name, params, grads, state, here, histories)
     return device
+
+
+_DTYPE_OF = operator.attrgetter("dtype")
 
 
 def _hyper(values: Sequence[float | Tensor], device: torch.device) -> Tensor:
@@ -800,3 +813,110 @@ def fused_wave_sgd_(
             NESTEROV=bool(nesterov),
             **_filter_constexprs(n, is_full, decay, threshold_scale, snr_gate),
         )
+
+
+# --- planned steps: a param group's operands validated once (kernels/plan.py) ----------------
+
+
+def _planned_launches(
+    plan: StepPlan, grads: list[Tensor], fixed: list[np.ndarray], kernel: Any, hyper: Tensor, scale: Tensor | None, filter_options: tuple[float, float, bool], **constexprs: Any
+) -> None:
+    """The table of a planned step (numel, p, grad, ``fixed`` columns, slots oldest first) and
+    its launches: one for the full histories, one for those still warming up."""
+    slots, full = plan.ring()
+    grad_ptrs = np.fromiter(map(Tensor.data_ptr, grads), dtype=np.int64, count=plan.rows)
+    table = np.concatenate([plan.sizes[:, None], plan.fixed_ptrs[:, :1], grad_ptrs[:, None], *(c[:, None] for c in fixed), slots], axis=1)
+    n = plan.buffer_size
+    for is_full in (True, False):
+        rows = np.flatnonzero(full == is_full)
+        if len(rows):
+            part = table if len(rows) == plan.rows else table[rows]
+            _launch(
+                kernel, lambda: torch.from_numpy(np.ascontiguousarray(part)), tuple(plan.sizes[rows].tolist()), plan.device,
+                hyper, scale, n, constexprs | _filter_constexprs(n, is_full, *filter_options),
+            )  # fmt: skip
+
+
+def _plannable(plan: StepPlan, columns: int) -> bool:
+    return triton is not None and plan.fixed_ptrs.shape[1] == 1 + columns and triton_available(plan.device)
+
+
+@torch.no_grad()
+def planned_wave_adam_(
+    plan: StepPlan,
+    grads: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    decay: float,
+    threshold_scale: float,
+    snr_gate: bool,
+    amsgrad: bool,
+    beta1: float | Tensor,
+    beta2: float | Tensor,
+    lr: float | Tensor,
+    weight_decay: float,
+    eps: float,
+    maximize: bool,
+    decoupled_weight_decay: bool,
+    grad_scale: Tensor | None = None,
+    strict: bool = False,
+) -> bool:
+    """:func:`fused_wave_adam_` on a confirmed plan (``plan.confirm`` returned True for these
+    grads); also advances the ring counts. False, with nothing changed, where it does not apply."""
+    step_dtypes = set(map(_DTYPE_OF, state_steps))
+    if not _plannable(plan, 3 if amsgrad else 2) or len(step_dtypes) != 1 or next(iter(step_dtypes)) not in _TL_DTYPES:
+        return False
+    device = plan.device
+    hyper = _hyper([lr, beta1, beta2, eps, weight_decay], device)
+    scale = _scale(grad_scale, device)
+    torch._foreach_add_(state_steps, 1)  # as torch's fused Adam; everything is validated
+    if set(map(Tensor.get_device, state_steps)) == {plan.device_index}:  # torch's fused Adam keeps them there
+        step_ptrs = plan.step_ptrs
+    else:  # copies, alive until the launch is queued (their memory must not be reused before it)
+        copies = _steps_on(state_steps, device)
+        step_ptrs = np.fromiter(map(Tensor.data_ptr, copies), dtype=np.int64, count=plan.rows)
+    columns = plan.fixed_ptrs[:, 1:]
+    vmax = columns[:, 2] if amsgrad else np.zeros(plan.rows, dtype=np.int64)
+    dt, acc = _TL_DTYPES[plan.dtype], tl.float64 if compute_dtype(plan.dtype) == torch.float64 else tl.float32
+    _planned_launches(
+        plan, grads, [columns[:, 0], columns[:, 1], vmax, step_ptrs], _wave_adam_kernel, hyper, scale, (decay, threshold_scale, snr_gate),
+        P_DT=dt, G_DT=dt, M_DT=dt, V_DT=dt, VMAX_DT=dt, STEP_DT=_TL_DTYPES[next(iter(step_dtypes))], S_DT=_TL_DTYPES[plan.slot_dtype],
+        ACC=acc, MAXIMIZE=bool(maximize), HAS_WD=_nonzero(weight_decay), DECOUPLED=bool(decoupled_weight_decay), AMSGRAD=bool(amsgrad),
+    )  # fmt: skip
+    plan.advance()
+    return True
+
+
+@torch.no_grad()
+def planned_wave_sgd_(
+    plan: StepPlan,
+    grads: list[Tensor],
+    *,
+    decay: float,
+    threshold_scale: float,
+    snr_gate: bool,
+    weight_decay: float | Tensor,
+    momentum: float,
+    lr: float | Tensor,
+    dampening: float,
+    nesterov: bool,
+    maximize: bool,
+    grad_scale: Tensor | None = None,
+    strict: bool = False,
+) -> bool:
+    """:func:`fused_wave_sgd_` on a confirmed plan whose momentum buffers all exist; as
+    :func:`planned_wave_adam_`."""
+    has_momentum = _nonzero(momentum)
+    if not _plannable(plan, 1 if has_momentum else 0):
+        return False
+    device = plan.device
+    hyper = _hyper([lr, momentum, dampening, weight_decay], device)
+    buffers = plan.fixed_ptrs[:, 1] if has_momentum else np.zeros(plan.rows, dtype=np.int64)
+    dt, acc = _TL_DTYPES[plan.dtype], tl.float64 if compute_dtype(plan.dtype) == torch.float64 else tl.float32
+    _planned_launches(
+        plan, grads, [buffers], _wave_sgd_kernel, hyper, _scale(grad_scale, device), (decay, threshold_scale, snr_gate),
+        P_DT=dt, G_DT=dt, BUF_DT=dt, S_DT=_TL_DTYPES[plan.slot_dtype], ACC=acc, MAXIMIZE=bool(maximize),
+        HAS_WD=_nonzero(weight_decay), MOMENTUM=has_momentum, FIRST=False, NESTEROV=bool(nesterov),
+    )  # fmt: skip
+    plan.advance()
+    return True

@@ -1,30 +1,45 @@
-"""The cached step plan of the fused CPU step (``kernels/plan.py``, issue 18): a planned step
+"""The cached step plan of the fused steps (``kernels/plan.py``, issue 18): a planned step
 gives the eager optimizer's numbers, and a tensor replaced or changed behind the plan's back
 leads to a rebuild (the full step validates it) or a refusal, never a write through a stale
-pointer. Written tensors are the sentinel-guarded views of ``tests/test_kernel_safety.py``: an
+pointer; on the C kernel, and on Triton under ``TRITON_INTERPRET=1`` (run this file both ways).
+Written tensors are the sentinel-guarded views of ``tests/test_kernel_safety.py``: an
 unchecked write past a tensor's end shows as a failed assertion."""
 
 from __future__ import annotations
 
 import copy
+import os
 from typing import Any
 
 import pytest
 import torch
 
 from test_kernel_safety import SENTINEL, _assert_refused_untouched, _planted
-from waveguard_optim import WaveAdam, WaveSGD
+from waveguard_optim import WaveAdam, WaveSGD, base
 from waveguard_optim.kernels import cpu_c, cpu_step
 
-pytestmark = pytest.mark.skipif(cpu_c.find_compiler() is None, reason="the plan runs the C kernel: no C compiler")
-
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 SHAPES = [(30, 10), (30,), (7,)]
 N = 4
 
 
-@pytest.fixture(autouse=True)
-def _c_back_end(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("WAVEGUARD_CPU_BACKEND", "c")
+@pytest.fixture(
+    autouse=True,
+    params=[
+        pytest.param("c", marks=pytest.mark.skipif(cpu_c.find_compiler() is None, reason="the CPU plan runs the C kernel: no C compiler")),
+        pytest.param("triton", marks=pytest.mark.skipif(not INTERPRET, reason="Triton on CPU needs TRITON_INTERPRET=1")),
+    ],
+)
+def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test on each planned back end: the C kernel, and Triton where it runs (interpreted)."""
+    if request.param == "triton":
+        from waveguard_optim.kernels import triton_step
+
+        monkeypatch.setattr(base, "fused_backend", lambda device: triton_step)
+    else:
+        monkeypatch.setenv("WAVEGUARD_CPU_BACKEND", "c")
+        monkeypatch.setattr(base, "fused_backend", lambda device: cpu_step)
+    return request.param
 
 
 def _params(seed: int = 0) -> list[torch.nn.Parameter]:
@@ -72,9 +87,15 @@ class _Pair:
 def full_steps(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Counts the full (validating) steps: a planned step does not call ``fused_wave_*_``."""
     calls: list[int] = []
-    for name in ("fused_wave_adam_", "fused_wave_sgd_"):
-        original = getattr(cpu_step, name)
-        monkeypatch.setattr(cpu_step, name, lambda *a, _f=original, **k: (calls.append(1), _f(*a, **k))[1])
+    modules = [cpu_step]
+    if INTERPRET:
+        from waveguard_optim.kernels import triton_step
+
+        modules.append(triton_step)
+    for module in modules:
+        for name in ("fused_wave_adam_", "fused_wave_sgd_"):
+            original = getattr(module, name)
+            monkeypatch.setattr(module, name, lambda *a, _f=original, **k: (calls.append(1), _f(*a, **k))[1])
     return calls
 
 
@@ -214,7 +235,7 @@ def test_a_state_tensor_shrunk_in_place_is_refused_untouched(kind: str, key: str
     else:
         _shrunk(key, how)(opt, p)
     _grads(params, N + 2)
-    _assert_refused_untouched(opt, p, "size|one-element|elements")
+    _assert_refused_untouched(opt, p, "size|one-element|elements|shape")
     assert (backing[backing.numel() // 2 :] == SENTINEL).all()
 
 
