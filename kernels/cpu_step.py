@@ -835,7 +835,6 @@ def _planned_ptrs(plan: StepPlan, grads: list[Tensor]) -> tuple[np.ndarray, np.n
     return np.concatenate([fixed[:, :1], grad_ptrs[:, None], fixed[:, 1:], slots], axis=1), full
 
 
-@torch.compiler.disable
 def planned_wave_adam_(
     plan: StepPlan,
     grads: list[Tensor],
@@ -875,7 +874,6 @@ def planned_wave_adam_(
     return True
 
 
-@torch.compiler.disable
 def planned_wave_sgd_(
     plan: StepPlan,
     grads: list[Tensor],

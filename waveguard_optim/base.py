@@ -21,9 +21,22 @@ from .stats import wave_stats as _wave_stats
 _PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
 
 
-# torch.compile: the plan's checks are host bookkeeping on numpy arrays; they run as opaque calls.
-_confirmed = torch.compiler.disable(lambda plan, *operands: plan.confirm(*operands))
-_made = torch.compiler.disable(lambda make, *operands: make(*operands))
+def _call(fn: Callable[..., Any], *args: Any) -> Any:
+    return fn(*args)
+
+
+_opaque_call = torch.compiler.disable(_call)
+
+
+def _host(fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)``; under torch.compile an opaque call (the plan's work is host bookkeeping on
+    numpy arrays and raw pointers, which dynamo must not trace). Eager steps skip the wrapper
+    (tens of microseconds a call)."""
+    return (_opaque_call if torch.compiler.is_compiling() else _call)(fn, *args)
+
+
+def _planned_step(plan: Any, planned: Callable[[Any], bool], *operands: Any) -> bool:
+    return plan.confirm(*operands) and planned(plan)
 
 
 class WaveGuardMixin(torch.optim.Optimizer):
@@ -158,7 +171,7 @@ class WaveGuardMixin(torch.optim.Optimizer):
         index = next(i for i, g in enumerate(self.param_groups) if g is group)
         held = plans.get(index)
         plans.pop(index, None)
-        if held is not None and held[0] is group and _confirmed(held[1], params, columns, steps, states, grads) and planned(held[1]):
+        if held is not None and held[0] is group and _host(_planned_step, held[1], planned, params, columns, steps, states, grads):
             plans[index] = held
             return
         had_history = [COUNT_KEY in st for st in states]
@@ -169,7 +182,7 @@ class WaveGuardMixin(torch.optim.Optimizer):
             unclaim(states, had_history, group["buffer_size"])
             raise
         make = getattr(kernels, "make_plan", None)
-        plan = None if make is None else _made(make, params, columns, steps, states, group["buffer_size"])
+        plan = None if make is None else _host(make, params, columns, steps, states, group["buffer_size"])
         if plan is not None:
             plans[index] = (group, plan)
 
