@@ -171,7 +171,7 @@ class WaveGuardMixin(torch.optim.Optimizer):
         index = next(i for i, g in enumerate(self.param_groups) if g is group)
         held = plans.get(index)
         plans.pop(index, None)
-        if held is not None and held[0] is group and _host(_planned_step, held[1], planned, params, columns, steps, states, grads):
+        if held is not None and held[0] is group and held[1].buffer_size == group["buffer_size"] and _host(_planned_step, held[1], planned, params, columns, steps, states, grads):
             plans[index] = held
             return
         had_history = [COUNT_KEY in st for st in states]
