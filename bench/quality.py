@@ -16,6 +16,10 @@ at its edge; then it is reported on the evaluation seeds.
     python bench/quality.py                  # full run: 33 min on a loaded 2-vCPU machine
     python bench/quality.py --quick          # smoke test, under a minute: no sweep, 3 seeds
     python bench/quality.py --tasks xor,clean --seeds 10
+    python bench/quality.py --tasks dp --out bench/results/quality-dp   # DP-SGD through Opacus: 18 min
+
+The dp task (private training, Opacus) runs its own set of optimizers (Task.optimizers): the Adam
+family, a plain EMA low-pass in front of Adam (the DOPPLER-style peer), WaveAdam, SGD and WaveSGD.
 """
 import argparse
 import json
@@ -60,6 +64,29 @@ def _adam(beta1):
     return lambda p, lr, steps: torch.optim.Adam(p, lr=lr, betas=(beta1, 0.999), fused=True)
 
 
+class LowPassAdam(torch.optim.Adam):
+    """The DOPPLER-style peer (a low-pass filter of the privatized gradient in front of Adam, NeurIPS
+    2024) in its plainest form: Adam consumes the bias-corrected EMA m_t / (1 − β^t) of the gradient,
+    m_t = β m_{t−1} + (1 − β) g_t, so that its second moment sees the filtered gradient too (unlike
+    Adam's β1). β = 0.9, fixed a priori, not tuned. The EMA lives outside the state dict (a bench peer)."""
+
+    def __init__(self, params, lr, beta=0.9):
+        super().__init__(params, lr=lr, fused=True)
+        self.beta, self.ema, self.t = beta, {}, 0
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        self.t += 1
+        raw = [(p, p.grad) for group in self.param_groups for p in group["params"] if p.grad is not None]
+        for p, g in raw:
+            ema = self.ema.setdefault(p, torch.zeros_like(p))
+            ema.mul_(self.beta).add_(g, alpha=1 - self.beta)
+            p.grad = ema / (1 - self.beta**self.t)
+        super().step()
+        for p, g in raw:
+            p.grad = g
+
+
 def _wave_adam(decay, threshold_scale=1.0):
     """decay is always explicit: the benchmark must not depend on the library's default."""
     return lambda p, lr, steps: WaveAdam(p, lr=lr, decay=decay, threshold_scale=threshold_scale)
@@ -81,9 +108,22 @@ OPTIMIZERS = (
     Opt("SGD", "sgd", lambda p, lr, steps: torch.optim.SGD(p, lr=lr, momentum=MOMENTUM)),
     Opt("WaveSGD", "sgd", lambda p, lr, steps: WaveSGD(p, lr=lr, momentum=MOMENTUM, decay=0.0), ("SGD",)),
 )
-OPT_BY_NAME = {o.name: o for o in OPTIMIZERS}
+# Run only by the tasks that name them (Task.optimizers).
+PEERS = (Opt("LowPass Adam", "adam", lambda p, lr, steps: LowPassAdam(p, lr=lr), ("Adam",), "-."),)
+OPT_BY_NAME = {o.name: o for o in OPTIMIZERS + PEERS}
 TASK_BY_NAME = {t.name: t for t in TASKS}
 DROP_IN = ("WaveAdam", "WaveAdam v1", "WaveAdam v1 κ=0")  # compared with Adam at every shared lr
+
+
+def task_optimizers(task):
+    """The optimizers a task runs, in the order of OPTIMIZERS + PEERS (which also fixes their colours)."""
+    names = set(task.optimizers) or {o.name for o in OPTIMIZERS}
+    return [o for o in OPTIMIZERS + PEERS if o.name in names]
+
+
+def rec_optimizers(rec):
+    """(colour index, optimizer) of every optimizer a record holds results for."""
+    return [(i, o) for i, o in enumerate(OPTIMIZERS + PEERS) if o.name in rec["results"]]
 
 
 def mean_score(score):
@@ -230,7 +270,7 @@ def same_lr_rows(rec, metric):
     for lr in sorted(adam, key=float):
         cells = []
         for name in DROP_IN:
-            other = rec["results"][name]["sweep"].get(lr)
+            other = rec["results"][name]["sweep"].get(lr) if name in rec["results"] else None
             if other is None:
                 cells.append("–")
                 continue
@@ -267,7 +307,7 @@ def goals(records):
         f"better in {len(better)}: {', '.join(better) or 'none'} -> {'met' if len(better) >= 2 else 'NOT met'}")
     thr = [f"{r['task']} {r['noise']}" for r in records if r["results"]["WaveAdam"]["ci_vs"]["Adam"] == "better"]
     v1 = [f"{r['task']} {r['noise']}" for r in records
-          if r["results"]["WaveAdam v1"]["ci_vs"]["WaveAdam v1 κ=0"] == "better"]
+          if "WaveAdam v1" in r["results"] and r["results"]["WaveAdam v1"]["ci_vs"]["WaveAdam v1 κ=0"] == "better"]
     out["threshold beats its ablation (WaveAdam vs Adam = kappa 0), non-overlapping 95% CIs, >= 1 cell"] = (
         f"{len(thr)}: {', '.join(thr) or 'none'} -> {'met' if thr else 'NOT met'}"
         f" (v1 threshold vs v1 kappa=0: {len(v1)}: {', '.join(v1) or 'none'})")
@@ -279,7 +319,7 @@ def plot_curves(task, records, path):
     band = interquartile range."""
     fig, axes = plt.subplots(1, len(records), figsize=(4.6 * len(records), 3.8), squeeze=False)
     for ax, rec in zip(axes[0], records):
-        for i, opt in enumerate(OPTIMIZERS):
+        for i, opt in rec_optimizers(rec):
             c = rec["results"][opt.name]["curve"]
             ax.plot(c["steps"], c["median"], opt.style, color=f"C{i}", label=opt.name, lw=1.3)
             ax.fill_between(c["steps"], c["q25"], c["q75"], color=f"C{i}", alpha=0.10, lw=0)
@@ -303,7 +343,7 @@ def plot_lr(task, records, path):
     fig, axes = plt.subplots(1, len(records), figsize=(4.6 * len(records), 3.8), squeeze=False)
     for ax, rec in zip(axes[0], records):
         top = math.inf if metric.higher_is_better else 100 * np.median([r["mean_ci"][0] for r in rec["results"].values()])
-        for i, opt in enumerate(OPTIMIZERS):
+        for i, opt in rec_optimizers(rec):
             res = rec["results"][opt.name]
             lrs = sorted(res["sweep"], key=float)
             x = np.array([float(lr) for lr in lrs])
@@ -353,7 +393,7 @@ def analyse(records):
         for res in results.values():
             res["mean_ci"] = mean_ci(metric, res["per_seed"])
             res["summary"] = fmt_mean_ci(metric, res["mean_ci"], rec["seeds"])
-        for opt in OPTIMIZERS:
+        for _, opt in rec_optimizers(rec):
             res = results[opt.name]
             res["wtl"] = {b: wins_ties_losses(metric, res["per_seed"], results[b]["per_seed"]) for b in opt.compare_to}
             res["ci_vs"] = {b: ci_verdict(metric, res["mean_ci"], results[b]["mean_ci"]) for b in opt.compare_to}
@@ -407,10 +447,11 @@ def smoke_report(records):
     """The quick run's table, without verdict columns (3 untuned seeds cannot carry one) and
     without the cells where every optimizer scored the same on every seed."""
     same = [r for r in records if len({tuple(res["per_seed"]) for res in r["results"].values()}) == 1]
-    rows = [[rec["task"], rec["noise"]] + [fmt_mean(TASK_BY_NAME[rec["task"]].metric, rec["results"][o.name]["mean_ci"][0], rec["seeds"])
-                                           for o in OPTIMIZERS] for rec in records if rec not in same]
+    names = [o.name for o in OPTIMIZERS + PEERS if any(o.name in r["results"] for r in records)]
+    rows = [[rec["task"], rec["noise"]] + [fmt_mean(TASK_BY_NAME[rec["task"]].metric, rec["results"][n]["mean_ci"][0], rec["seeds"])
+                                           if n in rec["results"] else "–" for n in names] for rec in records if rec not in same]
     print("\n" + SMOKE_BANNER + " Mean of 3 seeds at the middle lr of each grid:\n")
-    print(markdown(["task", "noise"] + [o.name for o in OPTIMIZERS], rows))
+    print(markdown(["task", "noise"] + names, rows))
     if same:
         print("\nLeft out (every optimizer scored the same on every seed): "
               + ", ".join(f"{r['task']} {r['noise']} ({fmt_mean(TASK_BY_NAME[r['task']].metric, next(iter(r['results'].values()))['mean_ci'][0], r['seeds'])})" for r in same))
@@ -496,12 +537,12 @@ def main():
     start = time.perf_counter()
     # The costliest tasks (last in TASKS) first, so that the last jobs to finish are short ones.
     jobs = [(t.name, noise, o.name, n_seeds(t), args.quick) for t in reversed(tasks) for noise in t.noises
-            for o in OPTIMIZERS]
+            for o in task_optimizers(t)]
     cells = run_jobs(run_job, jobs, args.workers, start)
     records = [{"task": t.name, "noise": noise, "noisy": noise not in t.noise_free, "seeds": n_seeds(t),
                 "metric": t.metric.name, "higher_is_better": t.metric.higher_is_better, "tie": t.metric.tie_text(),
                 "steps": t.quick_steps if args.quick else t.steps,
-                "results": {o.name: cells[t.name, noise, o.name] for o in OPTIMIZERS}}
+                "results": {o.name: cells[t.name, noise, o.name] for o in task_optimizers(t)}}
                for t in tasks for noise in t.noises]
     report({"command": " ".join(["python", "bench/quality.py"] + sys.argv[1:]), "quick": args.quick,
             "tune_seeds": list(TUNE_SEEDS), "momentum": MOMENTUM, "torch": torch.__version__,

@@ -59,6 +59,7 @@ class Task:
     run: Callable  # run(make_opt, seeds, noise, steps) -> RunResult
     noise_free: tuple = ()  # labels of `noises` whose gradient has no noise at all
     seeds: int = 10  # evaluation seeds of a full run
+    optimizers: tuple = ()  # names of the optimizers it runs (bench/quality.py); () = the default set
 
 
 def _rngs(task, seeds):
@@ -263,6 +264,80 @@ def run_clean(make_opt, seeds, _noise, steps):
     return RunResult(curve[-1], curve[-1], curve_steps, curve)
 
 
+# --- 5. DP-SGD through Opacus on digits -----------------------------------------------------
+DP_BATCH, DP_CLIP, DP_DELTA = 128, 1.0, 1e-5  # expected batch (Poisson sampling), clipping norm C, δ
+
+
+def _dp_sample_rate():
+    return 1 / math.ceil(len(_digits()["train"][1]) / DP_BATCH)  # what make_private derives from the loader
+
+
+@lru_cache(maxsize=None)
+def dp_noise_multiplier(epsilon, steps):
+    """σ that spends exactly (ε, δ) over `steps` steps (Opacus' RDP accountant): the same for every
+    optimizer, since what an optimizer does with the privatized gradient is post-processing."""
+    from opacus.accountants.utils import get_noise_multiplier
+
+    return get_noise_multiplier(target_epsilon=epsilon, target_delta=DP_DELTA, sample_rate=_dp_sample_rate(),
+                                steps=steps, accountant="rdp")
+
+
+def _dp_seed(rng, make_opt, epsilon, steps, every):
+    """One seed of run_dp: (test accuracy, validation accuracy, test cross-entropy at every `every` steps)."""
+    from opacus import PrivacyEngine
+
+    sizes = (64, _DIGITS_HIDDEN, 10)
+    layers = [torch.nn.Linear(i, o) for i, o in zip(sizes, sizes[1:])]
+    with torch.no_grad():  # torch.nn.Linear's init, drawn from the seed's generator
+        for layer in layers:
+            bound = 1 / math.sqrt(layer.in_features)
+            for w in (layer.weight, layer.bias):
+                w.copy_(torch.from_numpy(rng.uniform(-bound, bound, tuple(w.shape))))
+    model = torch.nn.Sequential(layers[0], torch.nn.ReLU(), layers[1])
+    data_rng, noise_rng = (torch.Generator().manual_seed(int(rng.integers(2**62))) for _ in range(2))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*_digits()["train"]), batch_size=DP_BATCH,
+                                         generator=data_rng)
+    engine = PrivacyEngine(accountant="rdp")
+    model, opt, loader = engine.make_private(module=model, optimizer=make_opt(list(model.parameters())),
+                                             data_loader=loader, noise_multiplier=dp_noise_multiplier(epsilon, steps),
+                                             max_grad_norm=DP_CLIP, noise_generator=noise_rng)
+
+    def on(split):
+        X, y = _digits()[split]
+        with torch.no_grad():
+            logits = model(X)
+        return F.cross_entropy(logits, y).item(), (logits.argmax(-1) == y).float().mean().item()
+
+    curve, t = [], 0
+    while t < steps:
+        for x, y in loader:
+            if t % every == 0:
+                curve.append(on("test")[0])
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+            t += 1
+            if t == steps:
+                break
+    curve.append(on("test")[0])
+    spent = engine.get_epsilon(DP_DELTA)
+    assert spent <= epsilon * 1.02, f"spent ε = {spent} > {epsilon}"  # get_noise_multiplier's tolerance is 0.01
+    return on("test")[1], on("val")[1], curve
+
+
+def run_dp(make_opt, seeds, epsilon, steps):
+    """DP-SGD (Opacus: per-sample clipping at C = 1, Gaussian noise for (ε, δ = 1e-5) over the run,
+    Poisson sampling of expected batch 128) training the digits MLP on the clean train set; the
+    optimizer consumes the privatized gradient. Each seed runs on its own (Opacus needs a module
+    per model); its init, batch sampling and noise come from the seed's generator, so they are the
+    same for every optimizer and lr. Metric: test accuracy; the lr sweep looks at validation accuracy."""
+    every = max(1, steps // CURVE_POINTS)
+    runs = [_dp_seed(rng, make_opt, epsilon, steps, every) for rng in _rngs("dp", seeds)]
+    test, val, curves = (list(x) for x in zip(*runs))
+    return RunResult(torch.tensor(test), -torch.tensor(val), list(range(0, steps, every)) + [steps],
+                     torch.tensor(curves).T)
+
+
 # Starting grids, on the 1-3-10 lattice; bench/quality.py widens a grid along the lattice while an
 # optimizer's best lr sits at its edge. The XOR grid holds the published lr 0.01.
 _REG_NOISES = {"gaussian": math.inf, "student-t(2.5)": 2.5}
@@ -288,4 +363,9 @@ TASKS = (
          {"full batch": 0.0},
          {"adam": (3e-3, 1e-2, 3e-2, 1e-1), "sgd": (0.03, 0.1, 0.3, 1.0)}, steps=300, quick_steps=40, run=run_clean,
          noise_free=("full batch",)),
+    # Private training: ε = 1 and 8 at δ = 1e-5 (the noise multiplier follows from ε and the steps).
+    Task("dp", Metric("test acc", True, "{:.3f}", tie_abs=0.005), "test cross-entropy",
+         {"ε=1": 1.0, "ε=8": 8.0},
+         {"adam": (1e-3, 3e-3, 1e-2, 3e-2), "sgd": (0.1, 0.3, 1.0, 3.0)}, steps=400, quick_steps=40, run=run_dp,
+         optimizers=("Adam", "Adam β1=0.95", "Adam β1=0.98", "LowPass Adam", "WaveAdam", "SGD", "WaveSGD")),
 )

@@ -176,3 +176,19 @@ def test_accelerate_prepare_save_and_load_state_follow_the_plain_loop(tmp_path, 
         opt.step()
     _assert_same(model.parameters(), _reference())
     assert type(opt).__name__ == "AcceleratedOptimizer" and wave_stats(opt)[0]["filtered"] == 1.0
+
+
+def test_wave_guard_of_the_accelerated_optimizer_wraps_the_one_inside():
+    """``wave_guard(accelerator.prepare(..., AdamW)[1])``: the AcceleratedOptimizer never ran
+    Optimizer.__init__ (torch's hooks cannot attach to it); wave_guard attaches to its AdamW."""
+    accelerate = pytest.importorskip("accelerate")
+    accelerator = accelerate.Accelerator(cpu=True)
+    model = _model()
+    model, opt = accelerator.prepare(model, torch.optim.AdamW(model.parameters(), foreach=True, **HYPER))
+    handle = wave_guard(opt, buffer_size=BUFFER)
+    assert handle.optimizer is opt.optimizer
+    for x, y in _batches():
+        opt.zero_grad()
+        accelerator.backward(torch.nn.functional.mse_loss(model(x), y))
+        opt.step()
+    _assert_same(model.parameters(), _reference())

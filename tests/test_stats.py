@@ -249,8 +249,25 @@ def test_wrapped_handle_and_method_agree_with_waveadam():
 
 
 def test_plain_optimizer_is_refused():
-    with pytest.raises(ValueError, match="WaveGuard"):
+    with pytest.raises(ValueError, match="AdamW is not filtered by WaveGuard"):
         wave_stats(torch.optim.AdamW(noisy_params()))
+
+
+def test_wave_options_without_a_filter_are_refused_not_reported():
+    """Options in the groups are not a filter: after remove(), or written by hand (as a failed
+    wave_guard once left them), stats would read filtered=0.0 and NaN: refused instead."""
+    params = noisy_params(torch.float32)
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    handle = wave_guard(opt, buffer_size=4)
+    step_noisy(opt, params, steps=6)
+    assert wave_stats(opt)[0]["filtered"] == 1.0
+    handle.remove()
+    with pytest.raises(ValueError, match="AdamW is not filtered by WaveGuard.*removed"):
+        wave_stats(opt)
+    by_hand = torch.optim.AdamW(noisy_params(torch.float32))
+    by_hand.param_groups[0].update(buffer_size=8, decay=0.0, threshold_scale=1.0, snr_gate=True, buffer_dtype=None)
+    with pytest.raises(ValueError, match="not filtered"):
+        wave_stats(by_hand)
 
 
 def test_wrappers_holding_the_optimizer_are_unwrapped():
@@ -261,7 +278,13 @@ def test_wrappers_holding_the_optimizer_are_unwrapped():
         def __init__(self, optimizer):
             self.optimizer = optimizer
 
+    class Private:  # Opacus' DPOptimizer holds it as .original_optimizer (tests/test_opacus.py: the real one)
+        def __init__(self, optimizer):
+            self.original_optimizer = optimizer
+
     params = noisy_params(torch.float32)
     opt = WaveAdam(params, lr=1e-2)
     step_noisy(opt, params, steps=12)
-    assert wave_stats(Holder(Holder(opt))) == wave_stats(opt)
+    assert wave_stats(Holder(Holder(opt))) == wave_stats(Private(opt)) == wave_stats(Holder(Private(opt))) == wave_stats(opt)
+    with pytest.raises(ValueError, match="AdamW inside Private is not filtered"):
+        wave_stats(Private(torch.optim.AdamW(noisy_params())))

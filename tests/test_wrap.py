@@ -367,6 +367,63 @@ def test_refuses_double_filtering():
         wave_guard(torch.optim.Adam(make_params(), differentiable=True))
 
 
+class _Forwarding(torch.optim.Optimizer):
+    """A wrapper shaped like Opacus' DPOptimizer and accelerate's AcceleratedOptimizer: a
+    torch.optim.Optimizer subclass that never runs Optimizer.__init__ (so torch's hook dicts are
+    missing) and forwards param_groups, state and defaults to the optimizer it holds as ``attr``
+    (None: it holds none, and owns its own groups)."""
+
+    def __init__(self, inner, attr):
+        if attr is not None:
+            setattr(self, attr, inner)
+        self._inner = inner
+
+    param_groups = property(lambda self: self._inner.param_groups)
+    state = property(lambda self: self._inner.state)
+    defaults = property(lambda self: self._inner.defaults)
+
+    def step(self, closure=None):
+        return self._inner.step(closure)
+
+
+@pytest.mark.parametrize("attr", ["original_optimizer", "optimizer"])
+def test_a_wrapper_is_looked_through_to_the_optimizer_it_holds(attr):
+    """wave_guard(DPOptimizer(AdamW)) filters inside: it follows WaveAdam, the wrapper's step untouched."""
+    params, ref_params = make_params(), make_params()
+    kwargs = dict(lr=0.05, weight_decay=0.1, foreach=True)
+    inner = torch.optim.AdamW(params, **kwargs)
+    outer = _Forwarding(inner, attr)
+    handle = wave_guard(outer, buffer_size=4)
+    assert handle.optimizer is inner and inner.wave_stats
+    ref = WaveAdam(ref_params, decoupled_weight_decay=True, buffer_size=4, **kwargs)
+    assert_same(train(params, outer, steps=10), train(ref_params, ref, steps=10))
+
+
+def _groups(opt):
+    return copy.deepcopy([{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]), dict(opt.defaults)
+
+
+@pytest.mark.parametrize("case", ["no hooks", "already filters", "differentiable"])
+def test_a_refused_wrapper_is_left_untouched(case):
+    """A refusal changes nothing: no wave options in the groups or defaults, no hooks, no attributes."""
+    params = make_params()
+    if case == "no hooks":  # holds nothing: torch's hooks cannot attach to it
+        inner = torch.optim.AdamW(params)
+        opt, error, match = _Forwarding(inner, None), TypeError, "cannot attach its hooks to _Forwarding.*pass the"
+    elif case == "already filters":
+        inner = WaveAdam(params)
+        opt, error, match = _Forwarding(inner, "original_optimizer"), ValueError, "already filters"
+    else:
+        inner = torch.optim.Adam(params, differentiable=True)
+        opt, error, match = _Forwarding(inner, "original_optimizer"), ValueError, "differentiable"
+    before = _groups(inner)
+    with pytest.raises(error, match=match):
+        wave_guard(opt, buffer_size=4)
+    assert _groups(inner) == before
+    assert not {"wave_stats", "_wave_guard_handle", "load_state_dict"} & set(vars(inner))
+    assert not inner._optimizer_step_pre_hooks and not inner._optimizer_load_state_dict_pre_hooks
+
+
 def test_remove_detaches_and_keeps_state():
     """After remove(): plain AdamW steps (same numbers as torch's AdamW from the same state),
     the history stays in the state, and wrapping again continues from it like WaveAdam."""

@@ -107,22 +107,51 @@ def _summary(sums: list[float], buffer_size: int) -> dict[str, float]:
     }
 
 
+def innermost(optimizer: Any) -> Any:
+    """The optimizer inside framework wrappers, which hold it as ``.optimizer`` (accelerate,
+    Lightning, a :class:`WaveGuardHandle`) or ``.original_optimizer`` (Opacus); anything else as is."""
+    while True:
+        inner = getattr(optimizer, "optimizer", None)
+        if inner is None:
+            inner = getattr(optimizer, "original_optimizer", None)
+        if inner is None or inner is optimizer:
+            return optimizer
+        optimizer = inner
+
+
+def _filtering(optimizer: Any) -> torch.optim.Optimizer:
+    """The optimizer inside any framework wrappers, refused unless the WaveGuard filter runs in it."""
+    from .base import WaveGuardMixin  # imported here: base and wrap import this module
+    from .wrap import _HANDLE_ATTR
+
+    outer, optimizer = optimizer, innermost(optimizer)
+    handle = getattr(optimizer, _HANDLE_ATTR, None)
+    if not isinstance(optimizer, WaveGuardMixin) and not (handle is not None and handle.active):
+        what = type(optimizer).__name__ + ("" if optimizer is outer else f" inside {type(outer).__name__}")
+        raise ValueError(
+            f"wave_stats: {what} is not filtered by WaveGuard (use WaveAdam / WaveSGD, or wave_guard(optimizer); "
+            "a removed wave_guard handle filters no more)"
+        )
+    return optimizer
+
+
 @torch.no_grad()
 def wave_stats(optimizer: torch.optim.Optimizer) -> list[dict[str, float]]:
     """Summaries of the filter's last step, one dict per param group (see the module docstring).
 
     Works for WaveAdam, WaveSGD and any optimizer wrapped by :func:`waveguard_optim.wave_guard`,
     also behind the wrappers that frameworks hand out (accelerate's ``AcceleratedOptimizer``,
-    Lightning's ``LightningOptimizer``, a :class:`WaveGuardHandle`): whatever holds the optimizer
-    as ``.optimizer`` is unwrapped. Costs one filter evaluation per parameter and one device sync
-    per group and device; nothing is computed unless this is called.
+    Lightning's ``LightningOptimizer``, a :class:`WaveGuardHandle`, Opacus' ``DPOptimizer``):
+    whatever holds the optimizer as ``.optimizer`` or ``.original_optimizer`` is unwrapped. Any
+    other optimizer raises ``ValueError`` (its numbers would describe no filter). Costs one filter
+    evaluation per parameter and one device sync per group and device; nothing is computed unless
+    this is called.
     """
-    while (inner := getattr(optimizer, "optimizer", None)) is not None and inner is not optimizer:
-        optimizer = inner
+    optimizer = _filtering(optimizer)
     result = []
     for index, group in enumerate(optimizer.param_groups):
         if "buffer_size" not in group:
-            raise ValueError(f"param group {index} has no WaveGuard options: is this optimizer a WaveGuard one?")
+            raise ValueError(f"param group {index} has no WaveGuard options (added by hand?)")
         per_device: dict[torch.device, Tensor] = {}
         for p in group["params"]:
             state = optimizer.state.get(p)

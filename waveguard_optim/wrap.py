@@ -49,7 +49,7 @@ from .base import WaveGuardMixin
 from .denoise import claim_histories, record_and_filter
 from .history import COUNT_KEY, restore_history, restored_on_failure, split_checkpoint
 from .options import WAVE_DEFAULTS, check_distinct_params, check_param_groups, check_wave_options, filter_options
-from .stats import wave_stats
+from .stats import innermost, wave_stats
 
 __all__ = ["wave_guard", "WaveGuardHandle"]
 
@@ -256,12 +256,20 @@ def wave_guard(
     ``step(closure)`` runs the closure before filtering (see the module docstring); a copy made
     by ``copy.deepcopy`` or ``torch.save``/``torch.load`` is wrapped too.
 
+    The framework wrappers that :func:`waveguard_optim.wave_stats` looks through are looked through
+    here too (Opacus' ``DPOptimizer``, accelerate's ``AcceleratedOptimizer``): the filter attaches to
+    the optimizer inside, the one whose step consumes the gradients (for Opacus: clipped and noised;
+    filtering them is post-processing, so the privacy guarantee is unchanged), and the handle's
+    ``optimizer`` is that inner one.
+
     Raises ``ValueError`` for an invalid option, an optimizer that already filters
-    (a WaveAdam / WaveSGD or one already wrapped), one with ``differentiable=True``, or LBFGS.
+    (a WaveAdam / WaveSGD or one already wrapped), one with ``differentiable=True``, or LBFGS;
+    ``TypeError`` for an object torch's step hooks cannot attach to. Nothing is changed then.
     """
     wave = check_wave_options(dict(
         buffer_size=buffer_size, decay=decay, threshold_scale=threshold_scale, snr_gate=snr_gate, buffer_dtype=buffer_dtype
     ))  # fmt: skip
+    optimizer = innermost(optimizer)
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"wave_guard expects a torch.optim.Optimizer, got {type(optimizer).__name__}")
     if isinstance(optimizer, WaveGuardMixin):
@@ -277,10 +285,11 @@ def wave_guard(
             "the filter would have to record each of those gradients as if it were a step's"
         )
 
+    handle = _attach(optimizer)  # first: it raises, changing nothing, where hooks cannot attach
     optimizer.defaults.update(wave)
     for group in optimizer.param_groups:
         group.update(wave)
-    return _attach(optimizer)
+    return handle
 
 
 class _RanClosure:
@@ -302,12 +311,21 @@ class _RanClosure:
 def _attach(optimizer: torch.optim.Optimizer) -> WaveGuardHandle:
     """Hook the filter into an optimizer whose param groups hold the wave options."""
     handle = WaveGuardHandle(optimizer)
-    handle._hooks = [
-        optimizer.register_step_pre_hook(handle._pre_step),
-        optimizer.register_step_post_hook(handle._post_step),
-        optimizer.register_load_state_dict_pre_hook(handle._pre_load),
-        optimizer.register_load_state_dict_post_hook(handle._post_load),
-    ]
+    hooks = (
+        (optimizer.register_step_pre_hook, handle._pre_step),
+        (optimizer.register_step_post_hook, handle._post_step),
+        (optimizer.register_load_state_dict_pre_hook, handle._pre_load),
+        (optimizer.register_load_state_dict_post_hook, handle._post_load),
+    )
+    try:
+        for register, hook in hooks:
+            handle._hooks.append(register(hook))
+    except AttributeError as error:  # a subclass that never ran Optimizer.__init__ has no hook dicts
+        handle.remove()
+        raise TypeError(
+            f"wave_guard cannot attach its hooks to {type(optimizer).__name__} ({error}): pass the "
+            "torch.optim.Optimizer it wraps, or wrap that optimizer before handing it on"
+        ) from error
     setattr(optimizer, _HANDLE_ATTR, handle)
     optimizer.wave_stats = types.MethodType(wave_stats, optimizer)  # type: ignore[attr-defined]
     # pickle and copy look __reduce_ex__ up on the instance: the copy is wrapped again.
