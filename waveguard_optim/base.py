@@ -169,8 +169,7 @@ class WaveGuardMixin(torch.optim.Optimizer):
         states = [self.state[p] for p in params]
         plans = self._wave_plans()
         index = next(i for i, g in enumerate(self.param_groups) if g is group)
-        held = plans.get(index)
-        plans.pop(index, None)
+        held = plans.pop(index, None)  # put back only if it still applies
         if held is not None and held[0] is group and held[1].buffer_size == group["buffer_size"] and _host(_planned_step, held[1], planned, params, columns, steps, states, grads):
             plans[index] = held
             return
