@@ -403,7 +403,7 @@ def _groups(opt):
     return copy.deepcopy([{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]), dict(opt.defaults)
 
 
-@pytest.mark.parametrize("case", ["no hooks", "already filters", "differentiable"])
+@pytest.mark.parametrize("case", ["no hooks", "already filters", "differentiable", "lr scheduler"])
 def test_a_refused_wrapper_is_left_untouched(case):
     """A refusal changes nothing: no wave options in the groups or defaults, no hooks, no attributes."""
     params = make_params()
@@ -413,9 +413,12 @@ def test_a_refused_wrapper_is_left_untouched(case):
     elif case == "already filters":
         inner = WaveAdam(params)
         opt, error, match = _Forwarding(inner, "original_optimizer"), ValueError, "already filters"
-    else:
+    elif case == "differentiable":
         inner = torch.optim.Adam(params, differentiable=True)
         opt, error, match = _Forwarding(inner, "original_optimizer"), ValueError, "differentiable"
+    else:  # a scheduler holds its optimizer as .optimizer too, but stepping it steps no optimizer
+        inner = torch.optim.AdamW(params)
+        opt, error, match = torch.optim.lr_scheduler.StepLR(inner, 1), TypeError, "expects a torch.optim.Optimizer, got StepLR"
     before = _groups(inner)
     with pytest.raises(error, match=match):
         wave_guard(opt, buffer_size=4)

@@ -109,14 +109,17 @@ def _summary(sums: list[float], buffer_size: int) -> dict[str, float]:
 
 def innermost(optimizer: Any) -> Any:
     """The optimizer inside framework wrappers, which hold it as ``.optimizer`` (accelerate,
-    Lightning, a :class:`WaveGuardHandle`) or ``.original_optimizer`` (Opacus); anything else as is."""
-    while True:
+    Lightning, a :class:`WaveGuardHandle`) or ``.original_optimizer`` (Opacus); anything else as is.
+    An LR scheduler also holds its optimizer as ``.optimizer`` but is not a wrapper of it: it is
+    returned as is, so that passing one by mistake is refused, not quietly accepted."""
+    while not isinstance(optimizer, torch.optim.lr_scheduler.LRScheduler):
         inner = getattr(optimizer, "optimizer", None)
         if inner is None:
             inner = getattr(optimizer, "original_optimizer", None)
         if inner is None or inner is optimizer:
             return optimizer
         optimizer = inner
+    return optimizer
 
 
 def _filtering(optimizer: Any) -> torch.optim.Optimizer:
