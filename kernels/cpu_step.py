@@ -827,12 +827,12 @@ def _planned_kernel(plan: StepPlan, algo: str, switches: dict[str, bool], scale:
     return _c_kernel(algo, switches, _KINDS[plan.dtype], _KINDS[plan.slot_dtype], plan.buffer_size, _c_required(backend, strict))
 
 
-def _planned_ptrs(plan: StepPlan, grads: list[Tensor]) -> tuple[np.ndarray, np.ndarray]:
-    """The address table of this step (p, grad, state columns, slots oldest first) and ``full``."""
+def _planned_ptrs(plan: StepPlan) -> tuple[np.ndarray, np.ndarray]:
+    """The address table of this step (p, the gradients ``confirm`` accepted, state columns,
+    slots oldest first) and ``full``."""
     slots, full = plan.ring()
-    grad_ptrs = np.fromiter(map(Tensor.data_ptr, grads), dtype=np.int64, count=plan.rows)
     fixed = plan.fixed_ptrs
-    return np.concatenate([fixed[:, :1], grad_ptrs[:, None], fixed[:, 1:], slots], axis=1), full
+    return np.concatenate([fixed[:, :1], plan.grad_ptrs[:, None], fixed[:, 1:], slots], axis=1), full
 
 
 def planned_wave_adam_(
@@ -865,7 +865,7 @@ def planned_wave_adam_(
     kernel = _planned_kernel(plan, "adam", switches, scale, decay, threshold_scale, backend, strict)
     if kernel is None:
         return False
-    ptrs, full = _planned_ptrs(plan, grads)
+    ptrs, full = _planned_ptrs(plan)
     constants = _filter_constants(plan.buffer_size, decay, threshold_scale)
     scalars = _adam_c_scalars(scale, maximize, constants, plan.dtype, hyper, b2, eps, wd)
     step_size, bc2_sqrt = _adam_steps(state_steps, lr, beta1, beta2, kernel)
@@ -901,7 +901,7 @@ def planned_wave_sgd_(
     kernel = _planned_kernel(plan, "sgd", switches, scale, decay, threshold_scale, backend, strict)
     if kernel is None:
         return False
-    ptrs, full = _planned_ptrs(plan, grads)
+    ptrs, full = _planned_ptrs(plan)
     constants = _filter_constants(plan.buffer_size, decay, threshold_scale)
     scalars = _sgd_c_scalars(scale, maximize, constants, plan.dtype, lr_, wd, mom, damp)
     zeros = np.zeros(plan.rows)

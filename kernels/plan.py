@@ -39,17 +39,18 @@ def _ints(values: Any, count: int) -> np.ndarray:
 
 
 class StepPlan:
-    """The cached operands of one group: ``params``, their state ``columns`` (written, a list per
-    column), ``steps`` (Adam's counts, written; SGD: none) and each parameter's slots and
-    ``wave_count`` from its state dict. Build it only from tensors a full step has just accepted."""
+    """The cached operands of one group: ``params`` and, from each one's state dict, the
+    ``columns`` the kernel writes (state keys, e.g. ``exp_avg``), its ``step`` (Adam's count,
+    written; SGD: None), its slots and ``wave_count``. Build it only from tensors a full step has
+    just accepted."""
 
-    def __init__(
-        self, params: Sequence[Tensor], columns: Sequence[Sequence[Tensor]], steps: Sequence[Tensor], states: Sequence[dict[str, Any]], buffer_size: int
-    ) -> None:
+    def __init__(self, params: Sequence[Tensor], states: Sequence[dict[str, Any]], columns: Sequence[str], step: str | None, buffer_size: int) -> None:
         n = self.buffer_size = buffer_size
-        self.fetch = operator.itemgetter(*(slot_key(i) for i in range(n)), COUNT_KEY)
-        held = list(map(self.fetch, states))
-        self.tensors = self._flat(params, columns, steps, held)
+        keys = [*columns, *([step] if step else []), *(slot_key(i) for i in range(n)), COUNT_KEY]
+        self.fetch = operator.itemgetter(*keys)
+        self.params = list(params)
+        held = list(map(self.fetch, states))  # per parameter: its columns, step, slots, count
+        self.tensors = [*params, *itertools.chain.from_iterable(held)]
         rows = self.rows = len(params)
         # Every cached tensor is written on some step (the slots take turns as the newest one):
         # none may share a byte with another (the full step allows read-read sharing of older slots).
@@ -64,36 +65,33 @@ class StepPlan:
         self.sizes = _ints(map(Tensor.numel, params), rows)
         self.dtype, self.device = params[0].dtype, params[0].device
         self.device_index = params[0].get_device()  # -1 on the CPU; one int per gradient to compare
-        fixed = rows * (1 + len(columns)) + len(steps)
-        self.fixed_ptrs = self.ptrs[: rows * (1 + len(columns))].reshape(1 + len(columns), rows).T  # p, then each column
-        ring = self.ptrs[fixed:].reshape(rows, n + 1)
-        self.slot_ptrs = np.ascontiguousarray(ring[:, :n])
-        self.counts = [h[n] for h in held]
+        c, first_slot = len(columns), len(keys) - n - 1
+        per_row = self.ptrs[rows:].reshape(rows, len(keys))
+        self.fixed_ptrs = np.column_stack([self.ptrs[:rows], per_row[:, :c]])  # p, then each column
+        self.step_ptrs = per_row[:, c]  # Adam's steps (SGD: unused)
+        self.slot_ptrs = np.ascontiguousarray(per_row[:, first_slot:-1])
+        self.fixed_written = [*params, *(t for h in held for t in h[:c])]  # p and its state columns
+        self.steps = [h[c] for h in held] if step else []
+        self.slots = [h[first_slot:-1] for h in held]
+        self.counts = [h[-1] for h in held]
         self.count_values = _ints((c.item() for c in self.counts), rows)
-        self.fixed_written = self.tensors[: rows * (1 + len(columns))]  # p and its state columns
-        self.slots = [h[:n] for h in held]
-        self.slot_dtype = held[0][0].dtype
-        self.step_ptrs = self.ptrs[rows * (1 + len(columns)) : fixed]
+        self.slot_dtype = held[0][first_slot].dtype
         self.nbytes = _ints(map(_NBYTES, self.tensors), count)
         spans = np.sort(np.stack([self.ptrs, self.ptrs + self.nbytes], 1), axis=0)
         self.starts, self.ends = spans[:, 0], spans[:, 1]  # disjoint, so sorting both columns keeps the pairs
+        self.grad_ptrs = np.zeros(rows, dtype=np.int64)  # the gradients' addresses, set by confirm
         self.cache: dict[Any, Any] = {}  # the back end's derived tables (chunks, thread ranges)
 
-    @staticmethod
-    def _flat(params: Sequence[Tensor], columns: Sequence[Sequence[Tensor]], steps: Sequence[Tensor], held: Sequence[tuple[Tensor, ...]]) -> list[Tensor]:
-        return [*params, *itertools.chain.from_iterable(columns), *steps, *itertools.chain.from_iterable(held)]
-
-    def confirm(
-        self, params: Sequence[Tensor], columns: Sequence[Sequence[Tensor]], steps: Sequence[Tensor], states: Sequence[dict[str, Any]], grads: Sequence[Tensor]
-    ) -> bool:
-        """Whether this step's operands are the cached ones, unchanged, and ``grads`` are
-        tensors the kernel can read: on the parameters' device, dense, of the parameters' dtype and sizes, sharing no byte
+    def confirm(self, params: Sequence[Tensor], states: Sequence[dict[str, Any] | None], grads: Sequence[Tensor]) -> bool:
+        """Whether this step's ``params`` (those with a gradient) and the tensors in their
+        ``states`` are the cached ones, unchanged, and ``grads`` are tensors the kernel can read:
+        on the parameters' device, dense, of the parameters' dtype and sizes, sharing no byte
         with a cached tensor. A state dict missing a key (a history deleted) counts as changed."""
-        if len(params) != self.rows or any(len(c) != self.rows for c in columns):
+        if len(params) != self.rows or not all(map(operator.is_, params, self.params)):
             return False
         try:
-            now = self._flat(params, columns, steps, list(map(self.fetch, states)))
-        except KeyError:
+            now = [*params, *itertools.chain.from_iterable(map(self.fetch, states))]
+        except (KeyError, TypeError):  # a key deleted, or no state at all (None)
             return False
         count = len(self.tensors)
         if len(now) != count or not all(map(operator.is_, now, self.tensors)):
@@ -111,7 +109,7 @@ class StepPlan:
             return False
         if not np.array_equal(_ints(map(Tensor.numel, grads), rows), self.sizes):
             return False
-        starts = _ints(map(Tensor.data_ptr, grads), rows)
+        starts = self.grad_ptrs = _ints(map(Tensor.data_ptr, grads), rows)  # the table's gradient column
         ends = starts + self.sizes * grads[0].element_size()
         before = np.searchsorted(self.starts, ends, side="left") - 1  # the last cached span starting below a gradient's end
         hit = (before >= 0) & (self.ends[np.maximum(before, 0)] > starts) & (ends > starts)
@@ -144,19 +142,21 @@ class StepPlan:
             self.versions += self.version_steps[phase]
 
 
-def make_plan(params: list[Tensor], columns: list[list[Tensor]], steps: list[Tensor], states: list[dict[str, Any]], buffer_size: int) -> StepPlan | None:
+def make_plan(params: list[Tensor], states: list[dict[str, Any]], columns: Sequence[str], step: str | None, buffer_size: int) -> StepPlan | None:
     """A :class:`StepPlan` of tensors a full step has just accepted, where a planned step can
     address them all directly in one table: real tensors on one device, contiguous, the state
     of the parameters' dtype, the slots of one dtype; counts as ``history`` keeps them (0-dim
     int64 CPU tensors). Else None: copies, mixed dtypes and layouts stay with the full step."""
-    if not params or any(t is None for column in columns for t in column) or params[0].is_complex():
-        return None
-    pdtype, device = params[0].dtype, params[0].device
-    if not all(t.dtype == pdtype and t.device == device and t.is_contiguous() for t in itertools.chain(params, *columns)):
+    if not params or params[0].is_complex():
         return None
     try:
-        plan = StepPlan(params, columns, steps, states, buffer_size)
+        plan = StepPlan(params, states, columns, step, buffer_size)
+    except (KeyError, TypeError):  # a column missing, or None (SGD's momentum_buffer before its first step)
+        return None
     except RuntimeError:  # two slots share memory: the full step refuses that when one of them is written
+        return None
+    pdtype, device = params[0].dtype, params[0].device
+    if not all(isinstance(t, Tensor) and t.dtype == pdtype and t.device == device and t.is_contiguous() for t in plan.fixed_written):
         return None
     slots = list(itertools.chain.from_iterable(plan.slots))
     if {t.dtype for t in slots} != {plan.slot_dtype} or not all(t.device == device and t.is_contiguous() for t in slots):

@@ -68,10 +68,13 @@ class _Pair:
         self.fused, self.eager = _make(kind, self.p, True), _make(kind, self.q, False)
         self.steps = 0
 
-    def step(self, count: int = 1) -> None:
+    def step(self, count: int = 1, without: tuple[int, ...] = ()) -> None:
+        """``count`` steps of both; the parameters at ``without`` get no gradient (grad None)."""
         for _ in range(count):
-            _grads(self.p, self.steps)
-            _grads(self.q, self.steps)
+            for params in (self.p, self.q):
+                _grads(params, self.steps)
+                for i in without:
+                    params[i].grad = None
             self.fused.step()
             self.eager.step()
             self.steps += 1
@@ -80,7 +83,7 @@ class _Pair:
 
     def plan(self) -> Any:
         plans = self.fused._wave_plans()
-        return plans[0][1] if 0 in plans else None
+        return plans[0][-1] if 0 in plans else None
 
 
 @pytest.fixture
@@ -113,6 +116,32 @@ def test_planned_steps_match_the_eager_optimizer(kind: str, full_steps: list[int
         assert pair.fused.state_dict()["state"].keys() == pair.eager.state_dict()["state"].keys()
         for key, value in pair.eager.state[q].items():
             torch.testing.assert_close(pair.fused.state[p][key], value, rtol=2e-6, atol=2e-6)
+
+
+@pytest.mark.parametrize("kind", ["adam", "sgd"])
+def test_parameters_without_a_gradient_are_skipped_planned_too(kind: str, full_steps: list[int]) -> None:
+    """As torch's ``_init_group``, a parameter whose grad is None is skipped: the plan is of those
+    with a gradient, and when that set changes one full step rebuilds it."""
+    pair = _Pair(kind)
+    pair.step(N + 2, without=(1,))
+    assert len(full_steps) == 1 and pair.plan().rows == len(SHAPES) - 1
+    pair.step(N + 1)  # parameter 1 gets its first gradient
+    pair.step(2, without=(0, 2))
+    assert len(full_steps) == 3 and pair.plan().rows == 1
+
+
+@pytest.mark.parametrize("kind", ["adam", "sgd"])
+def test_a_group_switched_to_the_eager_path_leaves_its_plan(kind: str, full_steps: list[int]) -> None:
+    """``fused``/``foreach`` edited in a group: the step takes the path they choose, not the plan."""
+    pair = _Pair(kind)
+    pair.step(N + 1)
+    pair.fused.param_groups[0].update(fused=False, foreach=False)
+    full_steps.clear()
+    pair.step(2)
+    assert not full_steps and pair.plan() is None
+    pair.fused.param_groups[0]["fused"] = True
+    pair.step(2)
+    assert len(full_steps) == 1 and pair.plan() is not None
 
 
 def _replace_p_data(pair: _Pair) -> Any:

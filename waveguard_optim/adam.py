@@ -80,7 +80,9 @@ class WaveAdam(WaveGuardMixin, torch.optim.Adam):
             return loss
         self._check_groups()
 
-        for group in self.param_groups:
+        for index, group in enumerate(self.param_groups):
+            if self._planned(index, group):
+                continue
             self._check_dense(group)
             params: list[Tensor] = []
             grads: list[Tensor] = []
@@ -92,22 +94,10 @@ class WaveAdam(WaveGuardMixin, torch.optim.Adam):
             if not params:
                 continue
             foreach, kernels = self._paths(group, params)
-            beta1, beta2 = group["betas"]
-            update = dict(
-                amsgrad=group["amsgrad"],
-                beta1=beta1,
-                beta2=beta2,
-                lr=group["lr"],
-                weight_decay=group["weight_decay"],
-                eps=group["eps"],
-                decoupled_weight_decay=group["decoupled_weight_decay"],
-            )
             if kernels is not None:
-                options = dict(**self._wave_args(group), **update, strict=bool(group["fused"]))
-                columns = [exp_avgs, exp_avg_sqs, *([max_exp_avg_sqs] if group["amsgrad"] else [])]
+                options = self._fused_options(group)
                 self._fused_step(
-                    group, params, (grads, columns, state_steps), kernels,
-                    lambda plan: kernels.planned_wave_adam_(plan, grads, state_steps, **options),
+                    index, group, params, kernels,
                     lambda histories, full: kernels.fused_wave_adam_(
                         params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, histories, full, **options
                     ),
@@ -128,6 +118,24 @@ class WaveAdam(WaveGuardMixin, torch.optim.Adam):
                 found_inf=None,
                 has_complex=has_complex,
                 maximize=False,  # the history and the denoised gradient are already negated
-                **update,
+                **self._update_options(group),
             )
         return loss
+
+    def _update_options(self, group: dict[str, Any]) -> dict[str, Any]:
+        beta1, beta2 = group["betas"]
+        return dict(
+            amsgrad=group["amsgrad"],
+            beta1=beta1,
+            beta2=beta2,
+            lr=group["lr"],
+            weight_decay=group["weight_decay"],
+            eps=group["eps"],
+            decoupled_weight_decay=group["decoupled_weight_decay"],
+        )
+
+    def _plan_columns(self, group: dict[str, Any]) -> tuple[tuple[str, ...], str | None]:
+        return ("exp_avg", "exp_avg_sq", *(("max_exp_avg_sq",) if group["amsgrad"] else ())), "step"
+
+    def _run_plan(self, group: dict[str, Any], kernels: Any, plan: Any, grads: list[Tensor]) -> bool:
+        return kernels.planned_wave_adam_(plan, grads, plan.steps, **self._fused_options(group))

@@ -3,8 +3,10 @@ in every param group, checkpoint handling, and the choice of code path."""
 
 from __future__ import annotations
 
-from types import ModuleType
+import itertools
+import operator
 from collections.abc import Callable
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -19,6 +21,7 @@ from .stats import wave_stats as _wave_stats
 
 # What the kernels take: a sharded parameter (FSDP2's DTensor) is its own tensor subclass.
 _PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
+_GRAD = operator.attrgetter("grad")
 
 
 def _call(fn: Callable[..., Any], *args: Any) -> Any:
@@ -35,8 +38,18 @@ def _host(fn: Callable[..., Any], *args: Any) -> Any:
     return (_opaque_call if torch.compiler.is_compiling() else _call)(fn, *args)
 
 
-def _planned_step(plan: Any, planned: Callable[[Any], bool], *operands: Any) -> bool:
-    return plan.confirm(*operands) and planned(plan)
+def _path_options(group: dict[str, Any]) -> tuple[Any, ...]:
+    """The options of a group that choose its code path and ring: a plan is kept while they stay."""
+    return group["foreach"], group["fused"], group["buffer_size"]
+
+
+def _with_grads(params: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+    """The parameters that have a gradient, and those gradients (torch's ``_init_group`` choice)."""
+    grads = list(map(_GRAD, params))
+    if all(map(operator.is_not, grads, itertools.repeat(None))):
+        return params, grads
+    kept = [(p, g) for p, g in zip(params, grads) if g is not None]
+    return [p for p, _ in kept], [g for _, g in kept]
 
 
 class WaveGuardMixin(torch.optim.Optimizer):
@@ -147,32 +160,52 @@ class WaveGuardMixin(torch.optim.Optimizer):
     def _claim(self, group: dict[str, Any], params: list[Tensor], states: list[dict[str, Any]]) -> tuple[list[list[Tensor]], list[bool]]:
         return claim_histories(params, states, buffer_size=group["buffer_size"], buffer_dtype=group["buffer_dtype"])
 
+    def _planned(self, index: int, group: dict[str, Any]) -> bool:
+        """Step ``group`` on its cached plan (``kernels/plan.py``), before torch's ``_init_group``,
+        whose per-parameter Python costs about as much as the plan's whole check: True when done.
+        The plan applies while the group's path options are those it was built under, and
+        ``plan.confirm`` accepts the parameters that have a gradient, their state and the gradients."""
+        held = self._wave_plans().pop(index, None)  # put back only if it still applies
+        if held is None:
+            return False
+        owner, path, kernels, plan = held
+        if owner is not group or path != _path_options(group) or not _host(self._planned_step, group, kernels, plan):
+            return False
+        self._wave_plans()[index] = held
+        return True
+
+    def _planned_step(self, group: dict[str, Any], kernels: ModuleType, plan: Any) -> bool:
+        params, grads = _with_grads(group["params"])
+        states = list(map(self.state.get, params))
+        return plan.confirm(params, states, grads) and self._run_plan(group, kernels, plan, grads)
+
+    def _run_plan(self, group: dict[str, Any], kernels: ModuleType, plan: Any, grads: list[Tensor]) -> bool:
+        """The kernel module's planned step of this optimizer on a confirmed plan (False: it does not apply)."""
+        raise NotImplementedError
+
+    def _plan_columns(self, group: dict[str, Any]) -> tuple[tuple[str, ...], str | None]:
+        """The state keys of the columns the kernel writes, and of the step count (None: no step)."""
+        raise NotImplementedError
+
+    def _update_options(self, group: dict[str, Any]) -> dict[str, Any]:
+        """The torch optimizer's own update options of ``group``, as its functional API takes them."""
+        raise NotImplementedError
+
+    def _fused_options(self, group: dict[str, Any]) -> dict[str, Any]:
+        """The keyword arguments of the fused kernels' steps, full and planned."""
+        return dict(**self._wave_args(group), **self._update_options(group), strict=bool(group["fused"]))
+
     def _fused_step(
-        self,
-        group: dict[str, Any],
-        params: list[Tensor],
-        plan_of: tuple[list[Tensor], list[list[Tensor]], list[Tensor]],
-        kernels: ModuleType,
-        planned: Callable[[Any], bool],
-        run: Callable[[list[list[Tensor]], list[bool]], None],
+        self, index: int, group: dict[str, Any], params: list[Tensor], kernels: ModuleType, run: Callable[[list[list[Tensor]], list[bool]], None]
     ) -> None:
-        """One fused step of ``group``: on its cached plan (``kernels/plan.py``) when the plan
-        confirms that nothing it points at changed and ``planned(plan)`` applies, else the full
-        step: claim the ring slots and ``run(histories, full)`` the kernel, then cache a new plan
-        of the tensors it accepted. ``plan_of``: ``(grads, state columns, step counts)``.
+        """The full fused step of ``group`` (the one that validates everything): claim the ring
+        slots and ``run(histories, full)`` the kernel, then cache a plan of the tensors it accepted.
 
         A kernel refuses what it cannot take (a dtype, a missing back end) before it writes
         anything; the claims are then undone, so a failed step leaves the wave state as it was.
         So does an interrupted one (Ctrl-C during the first step's compile): any ``BaseException``
         is rolled back and re-raised."""
-        grads, columns, steps = plan_of
         states = [self.state[p] for p in params]
-        plans = self._wave_plans()
-        index = next(i for i, g in enumerate(self.param_groups) if g is group)
-        held = plans.pop(index, None)  # put back only if it still applies
-        if held is not None and held[0] is group and held[1].buffer_size == group["buffer_size"] and _host(_planned_step, held[1], planned, params, columns, steps, states, grads):
-            plans[index] = held
-            return
         had_history = [COUNT_KEY in st for st in states]
         histories, full = self._claim(group, params, states)
         try:
@@ -181,9 +214,9 @@ class WaveGuardMixin(torch.optim.Optimizer):
             unclaim(states, had_history, group["buffer_size"])
             raise
         make = getattr(kernels, "make_plan", None)
-        plan = None if make is None else _host(make, params, columns, steps, states, group["buffer_size"])
+        plan = None if make is None else _host(make, params, states, *self._plan_columns(group), group["buffer_size"])
         if plan is not None:
-            plans[index] = (group, plan)
+            self._wave_plans()[index] = (group, _path_options(group), kernels, plan)
 
     def _wave_plans(self) -> dict[int, tuple[dict[str, Any], Any]]:
         """Cached step plans by param group index, with the group they were built for. Never in

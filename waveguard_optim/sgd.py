@@ -67,7 +67,9 @@ class WaveSGD(WaveGuardMixin, torch.optim.SGD):
             return loss
         self._check_groups()
 
-        for group in self.param_groups:
+        for index, group in enumerate(self.param_groups):
+            if self._planned(index, group):
+                continue
             self._check_dense(group)
             params: list[Tensor] = []
             grads: list[Tensor] = []
@@ -76,35 +78,47 @@ class WaveSGD(WaveGuardMixin, torch.optim.SGD):
             if not params:
                 continue
             foreach, kernels = self._paths(group, params)
-            update = dict(
-                weight_decay=group["weight_decay"],
-                momentum=group["momentum"],
-                lr=group["lr"],
-                dampening=group["dampening"],
-                nesterov=group["nesterov"],
-            )
             if kernels is not None:
-                options = dict(**self._wave_args(group), **update, strict=bool(group["fused"]))
-                columns = [momentum_buffers] if group["momentum"] != 0 else []
-                self._fused_step(
-                    group, params, (grads, columns, []), kernels,
-                    lambda plan: kernels.planned_wave_sgd_(plan, grads, **options),
-                    lambda histories, full: kernels.fused_wave_sgd_(params, grads, momentum_buffers, histories, full, **options),
-                )  # fmt: skip
-            else:
-                sgd_functional(
-                    params,
-                    self._denoise(group, params, grads, foreach),
-                    momentum_buffers,
-                    has_sparse_grad=False,
-                    foreach=foreach,
-                    fused=False,
-                    grad_scale=None,
-                    found_inf=None,
-                    maximize=False,  # the history and the denoised gradient are already negated
-                    **update,
-                )
-            if group["momentum"] != 0:
-                for p, buffer in zip(params, momentum_buffers):
-                    self.state[p]["momentum_buffer"] = buffer
+                options = self._fused_options(group)
+
+                def run(histories: list[list[Tensor]], full: list[bool]) -> None:
+                    kernels.fused_wave_sgd_(params, grads, momentum_buffers, histories, full, **options)
+                    self._keep_buffers(group, params, momentum_buffers)  # before the plan is made of them
+
+                self._fused_step(index, group, params, kernels, run)
+                continue
+            sgd_functional(
+                params,
+                self._denoise(group, params, grads, foreach),
+                momentum_buffers,
+                has_sparse_grad=False,
+                foreach=foreach,
+                fused=False,
+                grad_scale=None,
+                found_inf=None,
+                maximize=False,  # the history and the denoised gradient are already negated
+                **self._update_options(group),
+            )
+            self._keep_buffers(group, params, momentum_buffers)
         return loss
+
+    def _keep_buffers(self, group: dict[str, Any], params: list[Tensor], momentum_buffers: list[Tensor | None]) -> None:
+        """Store the momentum buffers the step created, as torch's SGD does."""
+        if group["momentum"] != 0:
+            for p, buffer in zip(params, momentum_buffers):
+                self.state[p]["momentum_buffer"] = buffer
+
+    def _update_options(self, group: dict[str, Any]) -> dict[str, Any]:
+        return dict(
+            weight_decay=group["weight_decay"],
+            momentum=group["momentum"],
+            lr=group["lr"],
+            dampening=group["dampening"],
+            nesterov=group["nesterov"],
+        )
+
+    def _plan_columns(self, group: dict[str, Any]) -> tuple[tuple[str, ...], str | None]:
+        return ("momentum_buffer",) if group["momentum"] != 0 else (), None
+
+    def _run_plan(self, group: dict[str, Any], kernels: Any, plan: Any, grads: list[Tensor]) -> bool:
+        return kernels.planned_wave_sgd_(plan, grads, **self._fused_options(group))
