@@ -4,15 +4,18 @@ The full step (``cpu_step.fused_wave_*_``) validates every operand each call: dt
 sizes, layout and aliasing (``_checks``), and claims the ring slots with a ``.item()`` per count.
 On many small tensors that bookkeeping costs several times the kernel. After a full step has
 validated a group's tensors, the optimizer keeps a :class:`StepPlan` of them: their addresses in
-storage order (slots ``wave_history_0 ...``, not time order) and the ring counts as numbers. A
-later step only collects the gradients and checks them, and confirms that every cached tensor
-is the same object with the same data pointer, byte count and version counter: an in-place
-write, ``resize_``, ``set_``, ``as_strided_`` or ``transpose_`` bumps the version, ``p.data = ...``
-(``model.to``) changes the pointer or the byte count, and an edited ``opt.state[p]`` or
-``load_state_dict`` puts other objects there. The plan holds every storage it points at, so a
-freed address cannot come back as another tensor's while the plan exists; a ``.data =`` that
-keeps pointer and byte count (a dtype of the same size, a transpose) reinterprets memory the
-plan holds: the kernel stays inside it, but such an edit is not detected. Any difference: the caller takes the full step,
+storage order (slots ``wave_history_0 ...``, not time order), and the group's ring counts made
+views of one buffer (one add advances them all; the ring is read from it each step, so a count
+restored in place, as ``torch.distributed.checkpoint`` does, is seen). A later step only
+collects the gradients and checks them, and confirms that every cached tensor is the same
+object with the same data pointer and byte count: ``resize_``, ``set_`` and ``p.data = ...``
+(``model.to``) change the pointer or the byte count, and an edited ``opt.state[p]`` or
+``load_state_dict`` puts other objects there. Values written in place need nothing: the kernel
+reads the memory. The plan holds every storage it points at, so a freed address cannot come
+back as another tensor's while the plan exists: an edit that keeps pointer and byte count (a
+``.data =`` of a dtype of the same size, an in-place ``t_()`` or ``as_strided_``) reinterprets
+memory the plan holds; the kernel stays inside it, but such an edit is not detected (its numbers
+are those of the memory as the plan saw it). Any difference: the caller takes the full step,
 which validates from scratch and builds a new plan.
 """
 
@@ -30,7 +33,7 @@ from torch import Tensor
 from waveguard_optim.history import COUNT_KEY, slot_key
 from waveguard_optim.kernels._checks import check_memory
 
-_VERSION, _NBYTES = operator.attrgetter("_version"), operator.attrgetter("nbytes")
+_NBYTES = operator.attrgetter("nbytes")
 _DTYPE, _IS_SPARSE = operator.attrgetter("dtype"), operator.attrgetter("is_sparse")
 
 
@@ -58,23 +61,20 @@ class StepPlan:
         self.storages = [t.untyped_storage() for t in self.tensors]  # keeps their addresses theirs
         count = len(self.tensors)
         self.ptrs = _ints(map(Tensor.data_ptr, self.tensors), count)
-        self.versions = _ints(map(_VERSION, self.tensors), count)
-        # What a planned step adds to each version: which slot is the newest repeats every N steps.
-        self.version_steps: list[np.ndarray | None] = [None] * n
-        self.planned_steps = 0
         self.sizes = _ints(map(Tensor.numel, params), rows)
         self.dtype, self.device = params[0].dtype, params[0].device
         self.device_index = params[0].get_device()  # -1 on the CPU; one int per gradient to compare
         c, first_slot = len(columns), len(keys) - n - 1
         per_row = self.ptrs[rows:].reshape(rows, len(keys))
         self.fixed_ptrs = np.column_stack([self.ptrs[:rows], per_row[:, :c]])  # p, then each column
-        self.step_ptrs = per_row[:, c]  # Adam's steps (SGD: unused)
+        self.step_ptrs = per_row[:, c] if step else np.zeros(0, dtype=np.int64)  # Adam's steps
         self.slot_ptrs = np.ascontiguousarray(per_row[:, first_slot:-1])
         self.fixed_written = [*params, *(t for h in held for t in h[:c])]  # p and its state columns
         self.steps = [h[c] for h in held] if step else []
-        self.slots = [h[first_slot:-1] for h in held]
-        self.counts = [h[-1] for h in held]
-        self.count_values = _ints((c.item() for c in self.counts), rows)
+        self.slots = [t for h in held for t in h[first_slot:-1]]  # row by row, in storage order
+        self.first_slots = np.arange(rows) * n  # row i's slot 0 in self.slots
+        self.count_buffer = held[0][-1]._base  # make_plan made the counts its views, in order
+        self.count_values = self.count_buffer.numpy()  # a view: what the counts hold now
         self.slot_dtype = held[0][first_slot].dtype
         self.nbytes = _ints(map(_NBYTES, self.tensors), count)
         spans = np.sort(np.stack([self.ptrs, self.ptrs + self.nbytes], 1), axis=0)
@@ -96,7 +96,7 @@ class StepPlan:
         count = len(self.tensors)
         if len(now) != count or not all(map(operator.is_, now, self.tensors)):
             return False
-        for get, cached in ((Tensor.data_ptr, self.ptrs), (_NBYTES, self.nbytes), (_VERSION, self.versions)):
+        for get, cached in ((Tensor.data_ptr, self.ptrs), (_NBYTES, self.nbytes)):
             if not np.array_equal(_ints(map(get, now), count), cached):
                 return False
         return self._grads_ok(grads)
@@ -123,23 +123,12 @@ class StepPlan:
         return np.take_along_axis(self.slot_ptrs, order, 1), self.count_values + 1 >= n
 
     def advance(self) -> None:
-        """Count the recorded gradient (one foreach add) and tell autograd about what the kernel
-        wrote through raw pointers (p, its state, the newest slots), as in-place torch ops would;
-        then expect the versions this leaves. The first N planned steps read them back; later
-        ones add what the step N before added (the same slots are the newest again, and views
-        sharing a version counter count the same bumps)."""
-        n = self.buffer_size
-        newest = [slots[c % n] for slots, c in zip(self.slots, self.count_values.tolist())]
-        torch.autograd.graph.increment_version(self.fixed_written + newest)
-        torch._foreach_add_(self.counts, 1)
-        self.count_values += 1
-        phase = self.planned_steps % n
-        self.planned_steps += 1
-        if self.version_steps[phase] is None:
-            after = _ints(map(_VERSION, self.tensors), len(self.tensors))
-            self.version_steps[phase], self.versions = after - self.versions, after
-        else:
-            self.versions += self.version_steps[phase]
+        """Tell autograd about what the kernel wrote through raw pointers (p, its state, the
+        newest slots), as in-place torch ops would, and count the recorded gradient: one add to
+        the group's count buffer."""
+        newest = operator.itemgetter(*(self.first_slots + self.count_values % self.buffer_size).tolist())(self.slots)
+        torch.autograd.graph.increment_version([*self.fixed_written, *(newest if self.rows > 1 else (newest,))])
+        self.count_buffer.add_(1)
 
 
 def make_plan(params: list[Tensor], states: list[dict[str, Any]], columns: Sequence[str], step: str | None, buffer_size: int) -> StepPlan | None:
@@ -149,6 +138,10 @@ def make_plan(params: list[Tensor], states: list[dict[str, Any]], columns: Seque
     int64 CPU tensors). Else None: copies, mixed dtypes and layouts stay with the full step."""
     if not params or params[0].is_complex():
         return None
+    counts = [state.get(COUNT_KEY) for state in states]
+    if not all(isinstance(c, Tensor) and c.is_cpu and c.dtype == torch.int64 and c.dim() == 0 for c in counts):
+        return None
+    _share_one_buffer(states, counts)
     try:
         plan = StepPlan(params, states, columns, step, buffer_size)
     except (KeyError, TypeError):  # a column missing, or None (SGD's momentum_buffer before its first step)
@@ -158,9 +151,19 @@ def make_plan(params: list[Tensor], states: list[dict[str, Any]], columns: Seque
     pdtype, device = params[0].dtype, params[0].device
     if not all(isinstance(t, Tensor) and t.dtype == pdtype and t.device == device and t.is_contiguous() for t in plan.fixed_written):
         return None
-    slots = list(itertools.chain.from_iterable(plan.slots))
+    slots = plan.slots
     if {t.dtype for t in slots} != {plan.slot_dtype} or not all(t.device == device and t.is_contiguous() for t in slots):
         return None
-    if not all(c.is_cpu and c.dtype == torch.int64 and c.numel() == 1 for c in plan.counts):
-        return None
     return plan
+
+
+def _share_one_buffer(states: list[dict[str, Any]], counts: list[Tensor]) -> None:
+    """Make the group's ``wave_count`` tensors views of one int64 buffer, in order (the same
+    values; still 0-dim int64 CPU tensors, in checkpoints too), so that a planned step advances
+    them all with one add. Counts that already are such views (a plan rebuilt) stay as they are."""
+    base = counts[0]._base
+    if base is not None and base.shape == (len(counts),) and base.is_contiguous():
+        if all(c._base is base and c.storage_offset() == i for i, c in enumerate(counts)):
+            return
+    for state, view in zip(states, torch.stack(counts).unbind()):
+        state[COUNT_KEY] = view

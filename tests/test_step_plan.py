@@ -144,6 +144,19 @@ def test_a_group_switched_to_the_eager_path_leaves_its_plan(kind: str, full_step
     assert len(full_steps) == 1 and pair.plan() is not None
 
 
+@pytest.mark.parametrize("kind", ["adam", "sgd"])
+def test_counts_written_in_place_are_read_by_the_next_planned_step(kind: str, full_steps: list[int]) -> None:
+    """``wave_count`` restored in place (as ``torch.distributed.checkpoint`` loads it): planned
+    steps take the ring from the counts as they are now, and equal the eager optimizer's."""
+    pair = _Pair(kind)
+    pair.step(N + 2)
+    for params, opt in ((pair.p, pair.fused), (pair.q, pair.eager)):
+        for i, p in enumerate(params):
+            opt.state[p]["wave_count"].fill_(i + 1)  # back into warm-up, each at another ring position
+    pair.step(N + 1)
+    assert len(full_steps) == 1
+
+
 def _replace_p_data(pair: _Pair) -> Any:
     backing = []
     for params in (pair.p, pair.q):
