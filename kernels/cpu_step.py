@@ -368,21 +368,33 @@ def _plans(
     ]
 
 
+def _c_steps(state_steps: list[Tensor]) -> tuple[np.ndarray, bool] | None:
+    """The steps' addresses and whether they are float64, where the C kernel can count them:
+    CPU scalars of one float dtype (float32 or float64); else None."""
+    dtypes = set(map(_DTYPE, state_steps))
+    if len(dtypes) != 1 or not dtypes <= {torch.float32, torch.float64}:
+        return None
+    if not all(map(_IS_CPU, state_steps)) or not all(t.numel() == 1 for t in state_steps):
+        return None
+    return np.fromiter(map(Tensor.data_ptr, state_steps), dtype=np.int64, count=len(state_steps)), torch.float64 in dtypes
+
+
 def _adam_steps(
-    state_steps: list[Tensor], lr: float | Tensor, beta1: float | Tensor, beta2: float | Tensor, kernel: cpu_c.Kernel | None
+    state_steps: list[Tensor], lr: float | Tensor, beta1: float | Tensor, beta2: float | Tensor, kernel: cpu_c.Kernel | None,
+    c_steps: tuple[np.ndarray, bool] | None = None,
 ) -> tuple[Sequence[float], Sequence[float]]:
     """Increment the step counts; return torch Adam's ``step_size`` and ``sqrt(bias_correction2)``
     per tensor. In C (one call, the same libm ``pow`` as Python's ``**``) when a kernel is given,
-    the hyperparameters are floats and the steps are CPU scalars of one float dtype, else as
-    torch's single-tensor Adam does it (in a Tensor lr's or beta's dtype: float32 arithmetic)."""
-    dtypes = set(map(_DTYPE, state_steps))
+    the hyperparameters are floats and :func:`_c_steps` accepts the steps (``c_steps``: its
+    answer, where known: a plan's), else as torch's single-tensor Adam does it (in a Tensor lr's
+    or beta's dtype: float32 arithmetic)."""
     scalars = not any(isinstance(x, Tensor) for x in (lr, beta1, beta2))
-    if kernel is not None and scalars and len(dtypes) == 1 and dtypes <= {torch.float32, torch.float64}:
-        if all(map(_IS_CPU, state_steps)) and all(t.numel() == 1 for t in state_steps):
+    if kernel is not None and scalars:
+        c_steps = c_steps or _c_steps(state_steps)
+        if c_steps is not None:
+            pointers, f64 = c_steps
             count = len(state_steps)
-            pointers = np.array(list(map(Tensor.data_ptr, state_steps)), dtype=np.int64)
             step_size, bc2_sqrt = np.empty(count), np.empty(count)
-            f64 = torch.float64 in dtypes
             kernel.steps(pointers.ctypes.data, count, f64, lr, beta1, beta2, step_size.ctypes.data, bc2_sqrt.ctypes.data)
             torch.autograd.graph.increment_version(state_steps)
             return step_size, bc2_sqrt
@@ -868,7 +880,9 @@ def planned_wave_adam_(
     ptrs, full = _planned_ptrs(plan)
     constants = _filter_constants(plan.buffer_size, decay, threshold_scale)
     scalars = _adam_c_scalars(scale, maximize, constants, plan.dtype, hyper, b2, eps, wd)
-    step_size, bc2_sqrt = _adam_steps(state_steps, lr, beta1, beta2, kernel)
+    if "steps" not in plan.cache:  # the plan's steps: the same tensors every planned step
+        plan.cache["steps"] = _c_steps(state_steps)
+    step_size, bc2_sqrt = _adam_steps(state_steps, lr, beta1, beta2, kernel, plan.cache["steps"])
     _launch_c(kernel, "adam", ptrs, plan.sizes, full, np.zeros(plan.rows, np.uint8), step_size, bc2_sqrt, constants, scalars, plan.cache)
     plan.advance()
     return True
