@@ -632,6 +632,7 @@ def _steps_on(state_steps: Sequence[Tensor], device: torch.device) -> list[Tenso
     return steps
 
 
+@torch.compiler.disable  # torch.compile: a launch through a pointer table is one opaque call, as cpu_step's
 @torch.no_grad()
 def fused_wave_adam_(
     params: list[Tensor],
@@ -731,6 +732,7 @@ def fused_wave_adam_(
         )
 
 
+@torch.compiler.disable  # torch.compile: a launch through a pointer table is one opaque call, as cpu_step's
 @torch.no_grad()
 def fused_wave_sgd_(
     params: list[Tensor],

@@ -18,10 +18,12 @@ the tolerance; a stale or misplaced ring slot would be off by orders of magnitud
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
-from waveguard_optim import WaveAdam, wave_guard
+from waveguard_optim import WaveAdam, WaveSGD, wave_guard
 
 TOL = dict(rtol=1e-4, atol=1e-5)
 
@@ -36,6 +38,8 @@ def fresh_dynamo():
 
 KINDS = {
     "waveadam-default": dict(),  # the fused CPU step
+    "waveadam-fused": dict(fused=True),  # the same; Triton under TRITON_INTERPRET=1 (tests/test_fused_triton.py)
+    "wavesgd-fused": dict(fused=True, momentum=0.9),
     "waveadam-single": dict(foreach=False),
     "wrapped-adamw-foreach": dict(foreach=True),
     "wrapped-adamw-single": dict(foreach=False),
@@ -47,6 +51,8 @@ def make(kind: str, buffer_size: int):
     model = torch.nn.Sequential(torch.nn.Linear(6, 10), torch.nn.Tanh(), torch.nn.Linear(10, 3))
     if kind.startswith("waveadam"):
         opt = WaveAdam(model.parameters(), lr=0.02, weight_decay=0.1, buffer_size=buffer_size, **KINDS[kind])
+    elif kind.startswith("wavesgd"):
+        opt = WaveSGD(model.parameters(), lr=0.02, weight_decay=0.1, buffer_size=buffer_size, **KINDS[kind])
     else:
         opt = torch.optim.AdamW(model.parameters(), lr=0.02, weight_decay=0.1, **KINDS[kind])
         wave_guard(opt, buffer_size=buffer_size)
@@ -89,6 +95,27 @@ def compare(kind: str, buffer_size: int, steps: int, backend: str):
 def test_compiled_step_matches_eager_with_at_most_two_compiles(kind, buffer_size):
     """Dynamo traces the optimizer step (backend="eager": the graphs run as captured), two ring turns."""
     compare(kind, buffer_size=buffer_size, steps=2 * buffer_size + 2, backend="eager")
+
+
+def check_step_traces_whole(kind: str, buffer_size: int = 4) -> None:
+    """The compiled step matches eager, ``opt.step()`` breaks no graph (the one break of a
+    training step is ``loss.backward()``), and dynamo warns about nothing of ours (it warns
+    when it traces an ``lru_cache``-wrapped function)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compare(kind, buffer_size=buffer_size, steps=buffer_size + 2, backend="eager")
+        model, opt = make(kind, buffer_size)
+        for t in range(buffer_size + 2):
+            train_step(model, opt, *batch(t))
+        explained = torch._dynamo.explain(train_step)(model, opt, *batch(0))
+    reasons = [str(b.reason).split("\n")[0] for b in explained.break_reasons]
+    assert reasons == ["Unsupported Tensor.backward() call"], reasons
+    assert not [w for w in caught if "lru_cache" in str(w.message)], [str(w.message) for w in caught]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_step_breaks_no_graph_and_dynamo_warns_nothing(kind):
+    check_step_traces_whole(kind)
 
 
 def test_inductor_compiled_step_matches_eager():

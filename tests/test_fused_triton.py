@@ -571,6 +571,24 @@ print("ok")
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-4000:]
 
 
+@needs_interpreter
+@pytest.mark.parametrize("kind", ["waveadam-fused", "wavesgd-fused"])
+def test_compiled_step_on_the_triton_path(kind: str) -> None:
+    """torch.compile of a training step on the Triton path (``fused=True`` runs it here): it
+    matches eager, the launches are opaque to dynamo (no graph break inside ``opt.step()``, no
+    recompile past two) and dynamo warns about nothing of ours."""
+    from test_compile import check_step_traces_whole
+    from waveguard_optim.kernels import dispatch
+
+    assert dispatch.fused_backend(torch.device("cpu")) is triton_step
+    torch._dynamo.reset()
+    try:
+        with torch._dynamo.config.patch(recompile_limit=2, fail_on_recompile_limit_hit=True):
+            check_step_traces_whole(kind)
+    finally:
+        torch._dynamo.reset()
+
+
 # --- CUDA ------------------------------------------------------------------------------------
 
 

@@ -18,7 +18,6 @@ the constants are derived in one place.
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Iterator, Sequence
 
@@ -31,7 +30,6 @@ TensorList = list[Tensor]
 _SQRT_HALF = math.sqrt(0.5)
 
 
-@functools.lru_cache(maxsize=None)
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The filter's arithmetic dtype (SPEC section 3): float64 for float64 (and complex128)
     parameters, float32 for every other parameter dtype."""
@@ -66,15 +64,17 @@ def _sorting_network(n: int) -> list[tuple[int, int]]:
     return pairs
 
 
-@functools.lru_cache(maxsize=None)
+@torch.compiler.assume_constant_result  # a constant of the trace (dynamo warns when it traces an lru_cache)
 def median_network(n: int) -> tuple[tuple[tuple[int, int, bool, bool], ...], tuple[int, ...]]:
-    """The part of a sorting network of ``n`` wires that the median needs.
+    """The part of a sorting network of ``n`` wires that the median needs (built once per ``n``).
 
     Returns ``(steps, middle)``: each step ``(lo, hi, need_min, need_max)`` writes
     ``min`` to wire ``lo`` and/or ``max`` to wire ``hi``; afterwards the wires in
     ``middle`` (one for odd ``n``, two for even) hold the middle order statistics.
     Comparators whose outputs never reach the middle are dropped.
     """
+    if n in _MEDIAN_NETWORKS:
+        return _MEDIAN_NETWORKS[n]
     middle = (n // 2,) if n % 2 else (n // 2 - 1, n // 2)
     wanted = set(middle)
     steps = []
@@ -83,7 +83,11 @@ def median_network(n: int) -> tuple[tuple[tuple[int, int, bool, bool], ...], tup
         if need_min or need_max:
             steps.append((lo, hi, need_min, need_max))
             wanted |= {lo, hi}
-    return tuple(reversed(steps)), middle
+    network = _MEDIAN_NETWORKS[n] = tuple(reversed(steps)), middle
+    return network
+
+
+_MEDIAN_NETWORKS: dict[int, tuple[tuple[tuple[int, int, bool, bool], ...], tuple[int, ...]]] = {}
 
 
 def _median(values: list[TensorList]) -> TensorList:
