@@ -89,16 +89,22 @@ class Case:
     grad_scale: float | None = None
     sizes: tuple[int, ...] = SIZES
     starts: tuple[int, ...] = STARTS
-    layout: str = "contiguous"  # or "transposed" (dense, not contiguous) or "strided" (not dense)
+    layout: str = "contiguous"  # or "transposed" (dense, not contiguous), "strided" (not dense), "offset" (odd address)
     steps: int | None = None  # default: until every tensor had a few full steps
     offset: float = 0.0  # gradients: offset + spread * (slow signal + noise)
     spread: float = 1.0
     cpu_steps: bool = False  # Adam steps on the CPU for the kernels too (torch's non-fused default)
+    grad_offset: int = 0  # the gradients: views this many elements into a bigger tensor
     options: dict[str, Any] = field(default_factory=dict)  # amsgrad, lr, betas, momentum, ...
 
 
+def _at_offset(t: torch.Tensor, offset: int) -> torch.Tensor:
+    """A contiguous copy of ``t`` that starts ``offset`` elements into a bigger tensor."""
+    return torch.empty(t.numel() + offset, dtype=t.dtype, device=t.device)[offset:].view(t.shape).copy_(t)
+
+
 def _make_param(size: int, dtype: torch.dtype, layout: str, gen: torch.Generator, device: str) -> torch.Tensor:
-    if layout == "contiguous":
+    if layout in ("contiguous", "offset"):
         base = torch.randn(size, generator=gen)
         return base.to(device=device, dtype=dtype)
     rows = 3
@@ -120,6 +126,8 @@ class Side:
             for p in params:
                 view = torch.zeros(p.shape[0], 2 * p.shape[1], dtype=p.dtype, device=p.device)[:, ::2]
                 self.params.append(view.copy_(p))
+        elif case.layout == "offset":  # fresh views one element in: not 16-byte aligned
+            self.params = [_at_offset(p, 1) for p in params]
         else:
             self.params = [p.clone() for p in params]  # keeps the strides of dense tensors
         self.states: list[dict[str, Any]] = [{} for _ in params]
@@ -237,7 +245,7 @@ def run_case(
             g = case.offset + case.spread * g
             if case.grad_scale is not None:
                 g = g * case.grad_scale
-            grads.append(g.to(device=device, dtype=dtypes[i]))
+            grads.append(_at_offset(g.to(device=device, dtype=dtypes[i]), case.grad_offset))
         originals = [g.clone() for g in grads]
         fused.step(active, grads, scale)
         for g, g0 in zip(grads, originals):
@@ -363,6 +371,108 @@ def test_many_blocks_per_tensor(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(triton_step, "_launch_config", lambda n, fp64: (128, 4))
     run_case(Case("adam", buffer_size=4, sizes=(1000, 129, 3, 128), options=dict(amsgrad=True)))
     run_case(Case("sgd", buffer_size=2, sizes=(1000, 129, 3, 128), options=dict(momentum=0.9)))
+
+
+def _chosen_vector_widths(monkeypatch: pytest.MonkeyPatch | Any) -> list[int]:
+    """The ``VEC`` of every launch from now on (the host's choice of 128-bit or scalar accesses)."""
+    chosen: list[int] = []
+    choose = triton_step._vector_width
+
+    def spy(table: Any, constexprs: dict[str, Any]) -> int:
+        chosen.append(choose(table, constexprs))
+        return chosen[-1]
+
+    monkeypatch.setattr(triton_step, "_vector_width", spy)
+    return chosen
+
+
+def test_vector_width_needs_every_address_and_size_aligned() -> None:
+    """VEC > 1 tells the compiler that every elementwise address of the launch is 16-byte
+    aligned and every size a multiple of VEC: one misaligned tensor or size in any row gives
+    the scalar path. Adam's step column (scalars, read one value each) does not count."""
+    import numpy as np
+    import triton.language as tl
+
+    f32, bf16 = tl.float32, tl.bfloat16
+    adam = dict(P_DT=f32, G_DT=f32, M_DT=f32, V_DT=f32, VMAX_DT=f32, STEP_DT=f32, S_DT=f32, ACC=f32)
+    sgd = dict(P_DT=f32, G_DT=f32, BUF_DT=f32, S_DT=f32, ACC=f32)
+    for constexprs, step_column in ((adam, 6), (sgd, None)):
+        table = np.zeros((3, 11), dtype=np.int64)
+        table[:, 0] = (16, 4, 4096)
+        table[:, 1:] = np.left_shift(1, 20 + np.arange(30)).reshape(3, 10)  # distinct, 16-byte aligned
+        if step_column is not None:
+            table[:, step_column] = 0x1004  # a view into a stack of steps
+        assert triton_step._vector_width(table, constexprs) == 4
+        for column in range(1, 11):
+            misaligned = table.copy()
+            misaligned[1, column] += 4
+            expected = 4 if column == step_column else 1
+            assert triton_step._vector_width(misaligned, constexprs) == expected, column
+        odd = table.copy()
+        odd[2, 0] = 4098
+        assert triton_step._vector_width(odd, constexprs) == 1
+        table[:, 4] = 0  # an absent tensor (AMSGRAD off, no momentum)
+        assert triton_step._vector_width(table, constexprs) == 4
+    bf16_slots = dict(adam, S_DT=bf16)
+    table[:, 6] = 0x1000
+    assert triton_step._vector_width(table, bf16_slots) == 1  # a size of 4: 8 bf16 make 16 bytes
+    table[:, 0] = (16, 8, 4096)
+    assert triton_step._vector_width(table, bf16_slots) == 8
+
+
+ALIGNMENT_CASES = {
+    "aligned": (Case("adam", sizes=(16, 64, 4096), starts=(0, 1, 2), options=dict(amsgrad=True)), 4),
+    "aligned-bf16": (Case("sgd", dtypes=(torch.bfloat16,), sizes=(16, 64, 4096), starts=(0, 1, 2), options=dict(momentum=0.9)), 8),
+    "param-at-odd-offset": (Case("adam", sizes=(16, 64, 4096), starts=(0, 1, 2), layout="offset", options=dict(amsgrad=True)), 1),
+    "grads-at-odd-offset": (Case("sgd", sizes=(16, 64, 4096), starts=(0, 1, 2), grad_offset=1, options=dict(momentum=0.9)), 1),
+    "size-not-a-multiple": (Case("adam", sizes=(16, 64, 4098), starts=(0, 0, 0)), 1),  # one launch per step
+}
+
+
+@needs_interpreter
+@pytest.mark.parametrize("name", list(ALIGNMENT_CASES))
+def test_full_step_vectorizes_only_aligned_launches(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The full step's launches take the 128-bit path only where every row is aligned, and a
+    misaligned parameter or gradient (a view at an odd element offset) still matches the twin."""
+    case, expected = ALIGNMENT_CASES[name]
+    chosen = _chosen_vector_widths(monkeypatch)
+    run_case(case)
+    assert chosen and set(chosen) == {expected}
+
+
+@needs_interpreter
+@pytest.mark.parametrize("kind", ["adam", "sgd"])
+@pytest.mark.parametrize("misaligned", [None, "param", "grad"])
+def test_planned_step_vectorizes_only_aligned_launches(kind: str, misaligned: str | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same on the planned path (the optimizer's steps after the first): a parameter or
+    gradients at an odd element offset give the scalar path, and WaveAdam / WaveSGD
+    (fused=True) still match foreach=True."""
+    from waveguard_optim import WaveAdam, WaveSGD
+
+    cls, options = (WaveAdam, dict(lr=0.01, amsgrad=True)) if kind == "adam" else (WaveSGD, dict(lr=0.05, momentum=0.9))
+    torch.manual_seed(0)
+    start = [torch.randn(64, 64), torch.randn(64)]
+    runs = []
+    for fused in (True, False):
+        params = [torch.nn.Parameter(_at_offset(t, 1) if misaligned == "param" else t.clone()) for t in start]
+        opt = cls(params, buffer_size=4, **options, **(dict(fused=True) if fused else dict(foreach=True)))
+        generator = torch.Generator().manual_seed(1)
+        with monkeypatch.context() as patch:
+            if fused:
+                planned: list[bool] = []
+                plan = getattr(triton_step, f"planned_wave_{kind}_")
+                patch.setattr(triton_step, f"planned_wave_{kind}_", lambda *a, **k: planned.append(plan(*a, **k)) or planned[-1])
+                chosen = _chosen_vector_widths(patch)
+            for _ in range(6):
+                for p in params:
+                    p.grad = _at_offset(torch.randn(p.shape, generator=generator), 1 if misaligned == "grad" else 0)
+                opt.step()
+        runs.append(params)
+    assert len(planned) == 5 and all(planned)  # every step after the first took the plan
+    assert chosen and set(chosen) == {4 if misaligned is None else 1}
+    for fused, eager in zip(*runs):
+        rtol, atol = TOLERANCES[torch.float32]
+        torch.testing.assert_close(fused, eager, rtol=rtol, atol=atol)
 
 
 @needs_interpreter
