@@ -640,74 +640,29 @@ def test_triton_available_matches_the_mode() -> None:
 def test_kernels_compile_for_cuda_without_a_gpu() -> None:
     """The interpreter runs the kernels as Python, which accepts code the compiler refuses;
     compile the main variants to cubins for sm_90 and sm_80 (triton ships ptxas, no GPU
-    needed), in a subprocess without TRITON_INTERPRET, and read their SASS (nvdisasm): every
-    global load comes before the first global store (one DRAM round trip per block, issue 18),
-    and the aligned fp32 N = 8 Adam step loads 128 bits at a time, the scalar path does not.
-    Cold cache: ~30 s."""
-    code = r"""
-import json, os, re, subprocess, tempfile
-import triton, triton.language as tl
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from waveguard_optim.kernels import triton_step as ts
-
-def sass(fn, dtypes, n, full, acc, arch, decay=0.0, vec=1, **flags):
-    const = dict(dtypes, C=(7 if fn is ts._wave_adam_kernel else 4) + n, ACC=acc,
-                 BLOCK=ts._launch_config(n, acc == tl.float64)[0], VEC=vec, **flags,
-                 **ts._filter_constexprs(n, full, decay, 1.0, True))
-    sig = dict(table="*i64", blocks="*i32", hyper="*fp64", scale_ptr="*fp32", **{k: "constexpr" for k in const})
-    compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const), target=GPUTarget("cuda", arch, 32))
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "kernel.cubin")
-        with open(path, "wb") as f:
-            f.write(compiled.asm["cubin"])
-        listing = subprocess.run([triton.knobs.nvidia.nvdisasm.path, "-c", path], capture_output=True, text=True, check=True).stdout
-    return re.findall(r"\b(?:LDG|STG)\.[A-Z0-9.]+", listing)  # global memory instructions, in program order
-
-f32, bf16, f64 = tl.float32, tl.bfloat16, tl.float64
-adam = dict(HAS_SCALE=True, MAXIMIZE=True, HAS_WD=True, DECOUPLED=False, AMSGRAD=True)
-sgd = dict(HAS_SCALE=True, MAXIMIZE=False, HAS_WD=True, MOMENTUM=True, FIRST=False, NESTEROV=True)
-def adam_dt(p, s):
-    return dict(P_DT=p, G_DT=p, M_DT=p, V_DT=p, VMAX_DT=p, STEP_DT=f32, S_DT=s)
-sgd32 = dict(P_DT=f32, G_DT=f32, BUF_DT=f32, S_DT=f32)
-A, S = ts._wave_adam_kernel, ts._wave_sgd_kernel
-variants = {f"adam f32 N={n}": (A, adam_dt(f32, f32), n, True, f32, 90, adam) for n in (2, 8, 64)}
-variants.update({
-    "adam bf16 N=8 warm-up": (A, adam_dt(bf16, bf16), 8, False, f32, 90, adam),
-    "adam f32 N=8 decay 0.85": (A, adam_dt(f32, f32), 8, True, f32, 90, dict(adam, decay=0.85)),
-    "adam f32/bf16 slots N=16 decoupled sm80": (A, adam_dt(f32, bf16), 16, True, f32, 80, dict(adam, DECOUPLED=True)),
-    "adam f64/bf16 slots N=4": (A, adam_dt(f64, bf16), 4, True, f64, 90, adam),
-    "adam f64 N=8 decay 0.85": (A, adam_dt(f64, f64), 8, True, f64, 90, dict(adam, decay=0.85)),
-    "sgd f32 N=32": (S, sgd32, 32, True, f32, 90, sgd),
-    "sgd f32 N=8 decay 1": (S, sgd32, 8, True, f32, 90, dict(sgd, decay=1.0)),
-    "sgd bf16 N=4 first sm80": (S, dict(P_DT=bf16, G_DT=bf16, BUF_DT=bf16, S_DT=bf16), 4, True, f32, 80,
-                                dict(sgd, FIRST=True, NESTEROV=False)),
-})
-aligned = {"adam f32 N=8": 4, "adam bf16 N=8 warm-up": 8, "adam f64 N=8 decay 0.85": 2, "sgd f32 N=8 decay 1": 4}
-out = {}
-for name, (fn, dtypes, n, full, acc, arch, flags) in variants.items():
-    out[name] = sass(fn, dtypes, n, full, acc, arch, **flags)
-    if name in aligned:
-        out[name + " aligned"] = sass(fn, dtypes, n, full, acc, arch, vec=aligned[name], **flags)
-print(json.dumps(out))
-"""
+    needed) with ``bench/triton_sass.py`` in a subprocess without TRITON_INTERPRET, and read
+    their SASS: every global load comes before the first global store (one DRAM round trip
+    per block, issue 18), and the aligned fp32 N = 8 Adam step loads 128 bits at a time, its
+    scalar path does not. Cold cache: ~30 s."""
     from triton.backends import backends
 
     if "nvidia" not in backends:
         pytest.skip("this triton build has no NVIDIA backend")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
+    script = os.path.join(os.path.dirname(__file__), os.pardir, "bench", "triton_sass.py")
+    result = subprocess.run([sys.executable, script, "--json"], env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     variants = json.loads(result.stdout.strip().splitlines()[-1])
     assert len(variants) == 15
-    for name, ops in variants.items():
+    for name, facts in variants.items():
+        ops = facts["ops"]
         stores = [k for k, op in enumerate(ops) if op.startswith("STG")]
         assert stores and ops[0].startswith("LDG"), f"{name}: {ops}"
         late = [op for op in ops[stores[0] :] if op.startswith("LDG")]
         assert not late, f"{name}: global loads after the first global store: {late}"
-    assert "LDG.E.128" in variants["adam f32 N=8 aligned"], variants["adam f32 N=8 aligned"]
-    assert "LDG.E.128" not in variants["adam f32 N=8"], variants["adam f32 N=8"]
+    assert "LDG.E.128" in variants["adam f32 N=8 aligned"]["ops"], variants["adam f32 N=8 aligned"]
+    assert "LDG.E.128" not in variants["adam f32 N=8"]["ops"], variants["adam f32 N=8"]
 
 
 # --- CUDA ------------------------------------------------------------------------------------
