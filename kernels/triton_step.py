@@ -564,9 +564,9 @@ def _vector_width(table: np.ndarray, constexprs: dict[str, Any]) -> int:
     all rows at once; Adam's column of step addresses (scalars) does not count."""
     itemsize = min(constexprs[k].primitive_bitwidth for k in _ELEMENTWISE_DTYPES if k in constexprs) // 8
     vec = 16 // itemsize
-    scalars = [0, _ADAM_FIXED - 1] if "STEP_DT" in constexprs else [0]  # the sizes, Adam's steps
-    addresses = np.delete(table, scalars, axis=1)
-    aligned = not (np.bitwise_or.reduce(addresses, axis=None) % 16 or np.bitwise_or.reduce(table[:, 0]) % vec)
+    columns = np.bitwise_or.reduce(table, axis=0)  # a power of two divides every entry iff it divides this
+    addresses = np.delete(columns, [0, _ADAM_FIXED - 1] if "STEP_DT" in constexprs else [0])  # not sizes, Adam's steps
+    aligned = not (np.bitwise_or.reduce(addresses) % 16 or columns[0] % vec)
     return vec if aligned else 1
 
 
