@@ -27,6 +27,13 @@ param group), never one per tensor:
 Small host tensors (tables, hyper) reach the GPU through pinned memory, asynchronously;
 the per-call table copy makes the step not CUDA-graph capturable.
 
+Memory access. Each program issues all its global loads first and its stores last (the
+compiler must assume the table's tensors may overlap, so a load after a store would wait
+for it). Addresses from the table carry no alignment facts, so the loads are scalar unless
+the host finds every elementwise address of the launch 16-byte aligned and every size a
+multiple of ``VEC`` (:func:`_vector_width`); then ``tl.multiple_of`` hints let the compiler
+emit 128-bit accesses. ``tests/test_fused_triton.py`` checks both in the compiled SASS.
+
 The filter constants come from :mod:`waveguard_optim.filter` (``filter_weights``,
 ``threshold_scale_factor``, ``median_network``) and are baked in at trace time as
 ``tl.constexpr`` tuples; the Haar levels and the median network are unrolled over
@@ -170,13 +177,38 @@ if triton is not None:
         return out
 
     @triton.jit
+    def _column(row, k, offs, DT: tl.constexpr, VEC: tl.constexpr):
+        """Pointers to the elements ``offs`` of the tensor in column ``k`` of a table row. With
+        ``VEC`` > 1 the host has checked that every such address of the launch is 16-byte
+        aligned, which lets the compiler use 128-bit accesses."""
+        base = tl.load(row + k).to(tl.pointer_type(DT))
+        if VEC > 1:
+            base = tl.multiple_of(base, 16)
+        return base + offs
+
+    @triton.jit
+    def _load_gradient(
+        row, offs, mask, scale_ptr, C: tl.constexpr, FIXED: tl.constexpr, G_DT: tl.constexpr, S_DT: tl.constexpr,
+        ACC: tl.constexpr, HAS_SCALE: tl.constexpr, FULL: tl.constexpr, VEC: tl.constexpr,
+    ):  # fmt: skip
+        """The loads of the record-and-filter half: the gradient, grad_scale (1 without one),
+        the older slots oldest first (none during warm-up), and the newest slot's pointers."""
+        g = tl.load(_column(row, 2, offs, G_DT, VEC), mask=mask, other=0.0).to(ACC)
+        if HAS_SCALE:
+            scale = tl.load(scale_ptr).to(ACC)
+        else:
+            scale = tl.full((), 1.0, ACC)
+        older = ()
+        if FULL:
+            for j in tl.static_range(FIXED, C - 1):
+                older = older + (tl.load(_column(row, j, offs, S_DT, VEC), mask=mask, other=0.0).to(ACC),)
+        return g, scale, older, _column(row, C - 1, offs, S_DT, VEC)
+
+    @triton.jit
     def _denoised_gradient(
-        row,
-        offs,
-        mask,
-        scale_ptr,
-        C: tl.constexpr,
-        FIXED: tl.constexpr,
+        g,
+        scale,
+        older,
         G_DT: tl.constexpr,
         S_DT: tl.constexpr,
         ACC: tl.constexpr,
@@ -190,11 +222,10 @@ if triton is not None:
         TSCALE: tl.constexpr,
         SNR_GATE: tl.constexpr,
     ):
-        """Record g = grad (/ grad_scale) (negated under maximize) into the newest slot (column
-        C - 1); return the filtered gradient from the slots as stored, or g during warm-up."""
-        g = tl.load(tl.load(row + 2).to(tl.pointer_type(G_DT)) + offs, mask=mask, other=0.0).to(ACC)
+        """From what :func:`_load_gradient` loaded: ``newest``, g = grad (/ grad_scale) (negated
+        under maximize) as the newest slot records it, and the filtered gradient over the older
+        slots and ``newest`` as stored (g itself during warm-up)."""
         if HAS_SCALE:
-            scale = tl.load(scale_ptr).to(ACC)
             if ACC == tl.float32:
                 g = tl.div_rn(g, scale)
             else:
@@ -205,17 +236,15 @@ if triton is not None:
             newest = g
         else:  # float64 -> 16 bits through float32, as torch converts
             newest = g.to(tl.float32).to(S_DT)
-        tl.store(tl.load(row + C - 1).to(tl.pointer_type(S_DT)) + offs, newest, mask=mask)
         if FULL:
-            b = ()
-            for j in tl.static_range(FIXED, C - 1):
-                slot = tl.load(row + j).to(tl.pointer_type(S_DT))
-                b = b + (tl.load(slot + offs, mask=mask, other=0.0).to(ACC),)
-            b = b + (newest.to(ACC),)  # the current gradient as stored
-            g = _wave_filter(b, ACC, W, U, STEPS, MIDDLE, TSCALE, SNR_GATE)
+            g = _wave_filter(older + (newest.to(ACC),), ACC, W, U, STEPS, MIDDLE, TSCALE, SNR_GATE)
             if G_DT != ACC:  # g_hat in the gradient's dtype, as the eager path hands it to the update
                 g = g.to(G_DT).to(ACC)
-        return g
+        return newest, g
+
+    # The kernels issue every global load first and store last (module docstring): a load
+    # placed after a store, a division or the float64 bias corrections was issued after them
+    # (seen in the SASS), so a block waited on DRAM up to three times; this way, once.
 
     @triton.jit
     def _wave_adam_kernel(
@@ -233,6 +262,7 @@ if triton is not None:
         S_DT: tl.constexpr,
         ACC: tl.constexpr,
         BLOCK: tl.constexpr,
+        VEC: tl.constexpr,
         FULL: tl.constexpr,
         W: tl.constexpr,
         U: tl.constexpr,
@@ -250,55 +280,63 @@ if triton is not None:
         row = table + tl.load(blocks + 2 * pid).to(tl.int64) * C
         chunk = tl.load(blocks + 2 * pid + 1).to(tl.int64)
         offs = chunk * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-        mask = offs < tl.load(row)
-        p_ptr = tl.load(row + 1).to(tl.pointer_type(P_DT)) + offs
-        m_ptr = tl.load(row + 3).to(tl.pointer_type(M_DT)) + offs
-        v_ptr = tl.load(row + 4).to(tl.pointer_type(V_DT)) + offs
+        mask = offs < tl.multiple_of(tl.load(row), VEC)  # VEC divides every size of the launch
 
-        # hyper = [lr, beta1, beta2, eps, weight_decay] in float64. The bias corrections are
-        # float64 from the device-side step, as torch computes them in Python, then rounded once.
+        # Loads. hyper = [lr, beta1, beta2, eps, weight_decay] in float64.
+        g, scale, older, newest_ptr = _load_gradient(row, offs, mask, scale_ptr, C, _ADAM_FIXED_C, G_DT, S_DT, ACC, HAS_SCALE, FULL, VEC)
+        p_ptr = _column(row, 1, offs, P_DT, VEC)
+        m_ptr = _column(row, 3, offs, M_DT, VEC)
+        v_ptr = _column(row, 4, offs, V_DT, VEC)
+        p = tl.load(p_ptr, mask=mask, other=0.0).to(ACC)
+        m = tl.load(m_ptr, mask=mask, other=0.0).to(ACC)
+        v = tl.load(v_ptr, mask=mask, other=0.0).to(ACC)
+        if AMSGRAD:
+            vmax_ptr = _column(row, 5, offs, VMAX_DT, VEC)
+            vmax = tl.load(vmax_ptr, mask=mask, other=0.0).to(ACC)
+        step = tl.load(tl.load(row + 6).to(tl.pointer_type(STEP_DT))).to(tl.float64)
         lr = tl.load(hyper)
         beta1 = tl.load(hyper + 1)
         beta2 = tl.load(hyper + 2)
-        step = tl.load(tl.load(row + 6).to(tl.pointer_type(STEP_DT))).to(tl.float64)
+        eps = tl.load(hyper + 3).to(ACC)
+        weight_decay = tl.load(hyper + 4)
+
+        # The bias corrections are float64 from the device-side step, as torch computes them in
+        # Python, then rounded once.
         bias_correction1 = 1.0 - tl.exp2(step * tl.log2(beta1))
         bias_correction2 = 1.0 - tl.exp2(step * tl.log2(beta2))
         neg_step_size = (-(lr / bias_correction1)).to(ACC)
         bias_correction2_sqrt = tl.sqrt(bias_correction2).to(ACC)
-        eps = tl.load(hyper + 3).to(ACC)
 
-        g = _denoised_gradient(
-            row, offs, mask, scale_ptr, C, _ADAM_FIXED_C, G_DT, S_DT, ACC,
-            HAS_SCALE, MAXIMIZE, FULL, W, U, STEPS, MIDDLE, TSCALE, SNR_GATE,
-        )  # fmt: skip
-        p = tl.load(p_ptr, mask=mask, other=0.0).to(ACC)
+        newest, g = _denoised_gradient(g, scale, older, G_DT, S_DT, ACC, HAS_SCALE, MAXIMIZE, FULL, W, U, STEPS, MIDDLE, TSCALE, SNR_GATE)
         if HAS_WD:
-            weight_decay = tl.load(hyper + 4)
             if DECOUPLED:  # param.mul_(1 - lr * weight_decay)
                 p = p * (1.0 - lr * weight_decay).to(ACC)
             else:  # grad.add(param, alpha=weight_decay)
                 g = g + weight_decay.to(ACC) * p
-
         # exp_avg.lerp_(g, 1 - beta1), with torch's two-sided lerp formula
         weight = (1.0 - beta1).to(ACC)
-        m = tl.load(m_ptr, mask=mask, other=0.0).to(ACC)
         m = tl.where(weight < 0.5, m + weight * (g - m), g - (g - m) * (1.0 - weight))
         # exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        v = tl.load(v_ptr, mask=mask, other=0.0).to(ACC)
         v = v * beta2.to(ACC) + (1.0 - beta2).to(ACC) * g * g
+        if AMSGRAD:
+            vmax = tl.maximum(vmax, v, propagate_nan=tl.PropagateNan.ALL)
+            v_hat = vmax
+        else:
+            v_hat = v
+        # param.addcdiv_(exp_avg, sqrt(v) / bias_correction2_sqrt + eps, value=-lr / bias_correction1)
+        if ACC == tl.float32:  # IEEE division and sqrt (the plain fp32 ones are approximate on CUDA)
+            denom = tl.div_rn(tl.sqrt_rn(v_hat), bias_correction2_sqrt) + eps
+            p = p + tl.div_rn(neg_step_size * m, denom)
+        else:
+            denom = tl.sqrt(v_hat) / bias_correction2_sqrt + eps
+            p = p + neg_step_size * m / denom
+
+        # Stores.
+        tl.store(newest_ptr, newest, mask=mask)
         tl.store(m_ptr, m.to(M_DT), mask=mask)
         tl.store(v_ptr, v.to(V_DT), mask=mask)
         if AMSGRAD:
-            vmax_ptr = tl.load(row + 5).to(tl.pointer_type(VMAX_DT)) + offs
-            v = tl.maximum(tl.load(vmax_ptr, mask=mask, other=0.0).to(ACC), v, propagate_nan=tl.PropagateNan.ALL)
-            tl.store(vmax_ptr, v.to(VMAX_DT), mask=mask)
-        # param.addcdiv_(exp_avg, sqrt(v) / bias_correction2_sqrt + eps, value=-lr / bias_correction1)
-        if ACC == tl.float32:  # IEEE division and sqrt (the plain fp32 ones are approximate on CUDA)
-            denom = tl.div_rn(tl.sqrt_rn(v), bias_correction2_sqrt) + eps
-            p = p + tl.div_rn(neg_step_size * m, denom)
-        else:
-            denom = tl.sqrt(v) / bias_correction2_sqrt + eps
-            p = p + neg_step_size * m / denom
+            tl.store(vmax_ptr, vmax.to(VMAX_DT), mask=mask)
         tl.store(p_ptr, p.to(P_DT), mask=mask)
 
     @triton.jit
@@ -314,6 +352,7 @@ if triton is not None:
         S_DT: tl.constexpr,
         ACC: tl.constexpr,
         BLOCK: tl.constexpr,
+        VEC: tl.constexpr,
         FULL: tl.constexpr,
         W: tl.constexpr,
         U: tl.constexpr,
@@ -332,31 +371,39 @@ if triton is not None:
         row = table + tl.load(blocks + 2 * pid).to(tl.int64) * C
         chunk = tl.load(blocks + 2 * pid + 1).to(tl.int64)
         offs = chunk * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-        mask = offs < tl.load(row)
-        p_ptr = tl.load(row + 1).to(tl.pointer_type(P_DT)) + offs
+        mask = offs < tl.multiple_of(tl.load(row), VEC)  # VEC divides every size of the launch
 
-        # hyper = [lr, momentum, dampening, weight_decay] in float64
-        d_p = _denoised_gradient(
-            row, offs, mask, scale_ptr, C, _SGD_FIXED_C, G_DT, S_DT, ACC,
-            HAS_SCALE, MAXIMIZE, FULL, W, U, STEPS, MIDDLE, TSCALE, SNR_GATE,
-        )  # fmt: skip
+        # Loads. hyper = [lr, momentum, dampening, weight_decay] in float64.
+        g, scale, older, newest_ptr = _load_gradient(row, offs, mask, scale_ptr, C, _SGD_FIXED_C, G_DT, S_DT, ACC, HAS_SCALE, FULL, VEC)
+        p_ptr = _column(row, 1, offs, P_DT, VEC)
         p = tl.load(p_ptr, mask=mask, other=0.0).to(ACC)
-        if HAS_WD:  # grad.add(param, alpha=weight_decay)
-            d_p = d_p + tl.load(hyper + 3).to(ACC) * p
         if MOMENTUM:
-            momentum = tl.load(hyper + 1).to(ACC)
-            buf_ptr = tl.load(row + 3).to(tl.pointer_type(BUF_DT)) + offs
+            buf_ptr = _column(row, 3, offs, BUF_DT, VEC)
+            if not FIRST:
+                buf = tl.load(buf_ptr, mask=mask, other=0.0).to(ACC)
+        lr = tl.load(hyper)
+        momentum = tl.load(hyper + 1).to(ACC)
+        dampening = tl.load(hyper + 2)
+        weight_decay = tl.load(hyper + 3).to(ACC)
+
+        newest, d_p = _denoised_gradient(g, scale, older, G_DT, S_DT, ACC, HAS_SCALE, MAXIMIZE, FULL, W, U, STEPS, MIDDLE, TSCALE, SNR_GATE)
+        if HAS_WD:  # grad.add(param, alpha=weight_decay)
+            d_p = d_p + weight_decay * p
+        if MOMENTUM:
             if FIRST:  # buf = d_p.clone()
                 buf = d_p
             else:  # buf.mul_(momentum).add_(d_p, alpha=1 - dampening)
-                buf = tl.load(buf_ptr, mask=mask, other=0.0).to(ACC)
-                buf = buf * momentum + (1.0 - tl.load(hyper + 2)).to(ACC) * d_p
-            tl.store(buf_ptr, buf.to(BUF_DT), mask=mask)
+                buf = buf * momentum + (1.0 - dampening).to(ACC) * d_p
             if NESTEROV:
                 d_p = d_p + momentum * buf
             else:
                 d_p = buf
-        p = p + (-tl.load(hyper)).to(ACC) * d_p  # param.add_(d_p, alpha=-lr)
+        p = p + (-lr).to(ACC) * d_p  # param.add_(d_p, alpha=-lr)
+
+        # Stores.
+        tl.store(newest_ptr, newest, mask=mask)
+        if MOMENTUM:
+            tl.store(buf_ptr, buf.to(BUF_DT), mask=mask)
         tl.store(p_ptr, p.to(P_DT), mask=mask)
 
     _TL_DTYPES = {
@@ -389,8 +436,9 @@ def triton_available(device: torch.device | str) -> bool:
 
 def _launch_config(buffer_size: int, fp64: bool) -> tuple[int, int]:
     """``(BLOCK, num_warps)``. About 2N values are live per element, so bigger buffers (and
-    float64) get fewer elements per thread: ptxas (sm_90) then reports at most ~130
-    registers and no spills for N = 2 ... 64 in float32. The interpreter pays per program
+    float64) get fewer elements per thread: with every load issued first, ptxas (sm_90) then
+    uses 72 / 96 / 155 registers and no spills for fp32 Adam with N = 2 / 8 / 64
+    (``bench/triton_sass.py``). The interpreter pays per program
     and per operation, not per element, so it gets big blocks."""
     if _interpreted():
         return 1024, 4
@@ -499,20 +547,38 @@ class _Launch:
         self.numels.append(numel)
 
     def run(self, kernel: Any, hyper: Tensor, scale: Tensor | None, buffer_size: int, **constexprs: Any) -> None:
-        _launch(kernel, lambda: torch.tensor(self.rows, dtype=torch.int64), tuple(self.numels), self.device, hyper, scale, buffer_size, constexprs)
+        _launch(kernel, lambda: np.array(self.rows, dtype=np.int64), tuple(self.numels), self.device, hyper, scale, buffer_size, constexprs)
         for t, copy in self.write_back:
             t.copy_(copy)
         torch.autograd.graph.increment_version(self.written)  # as in-place torch ops would
 
 
+# The constexprs naming the dtypes of the tensors the kernels access elementwise.
+_ELEMENTWISE_DTYPES = ("P_DT", "G_DT", "M_DT", "V_DT", "VMAX_DT", "BUF_DT", "S_DT")
+
+
+def _vector_width(table: np.ndarray, constexprs: dict[str, Any]) -> int:
+    """The kernel's ``VEC``: the elements of its narrowest dtype in 16 bytes where every
+    address the kernel reads elementwise is 16-byte aligned and every size a multiple of
+    that; else 1, the scalar path. From the table's real addresses (absent tensors are 0),
+    all rows at once; Adam's column of step addresses (scalars) does not count."""
+    itemsize = min(constexprs[k].primitive_bitwidth for k in _ELEMENTWISE_DTYPES if k in constexprs) // 8
+    vec = 16 // itemsize
+    columns = np.bitwise_or.reduce(table, axis=0)  # a power of two divides every entry iff it divides this
+    addresses = np.delete(columns, [0, _ADAM_FIXED - 1] if "STEP_DT" in constexprs else [0])  # not sizes, Adam's steps
+    aligned = not (np.bitwise_or.reduce(addresses) % 16 or columns[0] % vec)
+    return vec if aligned else 1
+
+
 def _launch(
     kernel: Any, table: Any, numels: tuple[int, ...], device: torch.device, hyper: Tensor, scale: Tensor | None, buffer_size: int, constexprs: dict[str, Any]
 ) -> None:
-    """One launch over the rows of ``table()`` (an int64 host tensor, made only if there is work)."""
+    """One launch over the rows of ``table()`` (an int64 numpy array, made only if there is work)."""
     block, num_warps = _launch_config(buffer_size, constexprs["ACC"] == tl.float64)
     blocks = _blocks(numels, block, device)
     if blocks.shape[0]:
-        rows = _to_device(table(), device)
+        host = table()
+        rows = _to_device(torch.from_numpy(host), device)
         kernel[(blocks.shape[0],)](
             rows,
             blocks,
@@ -520,6 +586,7 @@ def _launch(
             hyper if scale is None else scale,
             C=rows.shape[1],
             BLOCK=block,
+            VEC=_vector_width(host, constexprs),
             HAS_SCALE=scale is not None,
             num_warps=num_warps,
             **constexprs,
@@ -834,7 +901,7 @@ def _planned_launches(
         if len(rows):
             part = table if len(rows) == plan.rows else table[rows]
             _launch(
-                kernel, lambda: torch.from_numpy(np.ascontiguousarray(part)), tuple(plan.sizes[rows].tolist()), plan.device,
+                kernel, lambda: np.ascontiguousarray(part), tuple(plan.sizes[rows].tolist()), plan.device,
                 hyper, scale, n, constexprs | _filter_constexprs(n, is_full, *filter_options),
             )  # fmt: skip
 

@@ -17,6 +17,7 @@ tests run when a GPU is present and TRITON_INTERPRET is unset.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -88,16 +89,22 @@ class Case:
     grad_scale: float | None = None
     sizes: tuple[int, ...] = SIZES
     starts: tuple[int, ...] = STARTS
-    layout: str = "contiguous"  # or "transposed" (dense, not contiguous) or "strided" (not dense)
+    layout: str = "contiguous"  # or "transposed" (dense, not contiguous), "strided" (not dense), "offset" (odd address)
     steps: int | None = None  # default: until every tensor had a few full steps
     offset: float = 0.0  # gradients: offset + spread * (slow signal + noise)
     spread: float = 1.0
     cpu_steps: bool = False  # Adam steps on the CPU for the kernels too (torch's non-fused default)
+    grad_offset: int = 0  # the gradients: views this many elements into a bigger tensor
     options: dict[str, Any] = field(default_factory=dict)  # amsgrad, lr, betas, momentum, ...
 
 
+def _at_offset(t: torch.Tensor, offset: int) -> torch.Tensor:
+    """A contiguous copy of ``t`` that starts ``offset`` elements into a bigger tensor."""
+    return torch.empty(t.numel() + offset, dtype=t.dtype, device=t.device)[offset:].view(t.shape).copy_(t)
+
+
 def _make_param(size: int, dtype: torch.dtype, layout: str, gen: torch.Generator, device: str) -> torch.Tensor:
-    if layout == "contiguous":
+    if layout in ("contiguous", "offset"):
         base = torch.randn(size, generator=gen)
         return base.to(device=device, dtype=dtype)
     rows = 3
@@ -119,6 +126,8 @@ class Side:
             for p in params:
                 view = torch.zeros(p.shape[0], 2 * p.shape[1], dtype=p.dtype, device=p.device)[:, ::2]
                 self.params.append(view.copy_(p))
+        elif case.layout == "offset":  # fresh views one element in: not 16-byte aligned
+            self.params = [_at_offset(p, 1) for p in params]
         else:
             self.params = [p.clone() for p in params]  # keeps the strides of dense tensors
         self.states: list[dict[str, Any]] = [{} for _ in params]
@@ -236,7 +245,7 @@ def run_case(
             g = case.offset + case.spread * g
             if case.grad_scale is not None:
                 g = g * case.grad_scale
-            grads.append(g.to(device=device, dtype=dtypes[i]))
+            grads.append(_at_offset(g.to(device=device, dtype=dtypes[i]), case.grad_offset))
         originals = [g.clone() for g in grads]
         fused.step(active, grads, scale)
         for g, g0 in zip(grads, originals):
@@ -362,6 +371,108 @@ def test_many_blocks_per_tensor(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(triton_step, "_launch_config", lambda n, fp64: (128, 4))
     run_case(Case("adam", buffer_size=4, sizes=(1000, 129, 3, 128), options=dict(amsgrad=True)))
     run_case(Case("sgd", buffer_size=2, sizes=(1000, 129, 3, 128), options=dict(momentum=0.9)))
+
+
+def _chosen_vector_widths(monkeypatch: pytest.MonkeyPatch | Any) -> list[int]:
+    """The ``VEC`` of every launch from now on (the host's choice of 128-bit or scalar accesses)."""
+    chosen: list[int] = []
+    choose = triton_step._vector_width
+
+    def spy(table: Any, constexprs: dict[str, Any]) -> int:
+        chosen.append(choose(table, constexprs))
+        return chosen[-1]
+
+    monkeypatch.setattr(triton_step, "_vector_width", spy)
+    return chosen
+
+
+def test_vector_width_needs_every_address_and_size_aligned() -> None:
+    """VEC > 1 tells the compiler that every elementwise address of the launch is 16-byte
+    aligned and every size a multiple of VEC: one misaligned tensor or size in any row gives
+    the scalar path. Adam's step column (scalars, read one value each) does not count."""
+    import numpy as np
+    import triton.language as tl
+
+    f32, bf16 = tl.float32, tl.bfloat16
+    adam = dict(P_DT=f32, G_DT=f32, M_DT=f32, V_DT=f32, VMAX_DT=f32, STEP_DT=f32, S_DT=f32, ACC=f32)
+    sgd = dict(P_DT=f32, G_DT=f32, BUF_DT=f32, S_DT=f32, ACC=f32)
+    for constexprs, step_column in ((adam, 6), (sgd, None)):
+        table = np.zeros((3, 11), dtype=np.int64)
+        table[:, 0] = (16, 4, 4096)
+        table[:, 1:] = np.left_shift(1, 20 + np.arange(30)).reshape(3, 10)  # distinct, 16-byte aligned
+        if step_column is not None:
+            table[:, step_column] = 0x1004  # a view into a stack of steps
+        assert triton_step._vector_width(table, constexprs) == 4
+        for column in range(1, 11):
+            misaligned = table.copy()
+            misaligned[1, column] += 4
+            expected = 4 if column == step_column else 1
+            assert triton_step._vector_width(misaligned, constexprs) == expected, column
+        odd = table.copy()
+        odd[2, 0] = 4098
+        assert triton_step._vector_width(odd, constexprs) == 1
+        table[:, 4] = 0  # an absent tensor (AMSGRAD off, no momentum)
+        assert triton_step._vector_width(table, constexprs) == 4
+    bf16_slots = dict(adam, S_DT=bf16)
+    table[:, 6] = 0x1000
+    assert triton_step._vector_width(table, bf16_slots) == 1  # a size of 4: 8 bf16 make 16 bytes
+    table[:, 0] = (16, 8, 4096)
+    assert triton_step._vector_width(table, bf16_slots) == 8
+
+
+ALIGNMENT_CASES = {
+    "aligned": (Case("adam", sizes=(16, 64, 4096), starts=(0, 1, 2), options=dict(amsgrad=True)), 4),
+    "aligned-bf16": (Case("sgd", dtypes=(torch.bfloat16,), sizes=(16, 64, 4096), starts=(0, 1, 2), options=dict(momentum=0.9)), 8),
+    "param-at-odd-offset": (Case("adam", sizes=(16, 64, 4096), starts=(0, 1, 2), layout="offset", options=dict(amsgrad=True)), 1),
+    "grads-at-odd-offset": (Case("sgd", sizes=(16, 64, 4096), starts=(0, 1, 2), grad_offset=1, options=dict(momentum=0.9)), 1),
+    "size-not-a-multiple": (Case("adam", sizes=(16, 64, 4098), starts=(0, 0, 0)), 1),  # one launch per step
+}
+
+
+@needs_interpreter
+@pytest.mark.parametrize("name", list(ALIGNMENT_CASES))
+def test_full_step_vectorizes_only_aligned_launches(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The full step's launches take the 128-bit path only where every row is aligned, and a
+    misaligned parameter or gradient (a view at an odd element offset) still matches the twin."""
+    case, expected = ALIGNMENT_CASES[name]
+    chosen = _chosen_vector_widths(monkeypatch)
+    run_case(case)
+    assert chosen and set(chosen) == {expected}
+
+
+@needs_interpreter
+@pytest.mark.parametrize("kind", ["adam", "sgd"])
+@pytest.mark.parametrize("misaligned", [None, "param", "grad"])
+def test_planned_step_vectorizes_only_aligned_launches(kind: str, misaligned: str | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same on the planned path (the optimizer's steps after the first): a parameter or
+    gradients at an odd element offset give the scalar path, and WaveAdam / WaveSGD
+    (fused=True) still match foreach=True."""
+    from waveguard_optim import WaveAdam, WaveSGD
+
+    cls, options = (WaveAdam, dict(lr=0.01, amsgrad=True)) if kind == "adam" else (WaveSGD, dict(lr=0.05, momentum=0.9))
+    torch.manual_seed(0)
+    start = [torch.randn(64, 64), torch.randn(64)]
+    runs = []
+    for fused in (True, False):
+        params = [torch.nn.Parameter(_at_offset(t, 1) if misaligned == "param" else t.clone()) for t in start]
+        opt = cls(params, buffer_size=4, **options, **(dict(fused=True) if fused else dict(foreach=True)))
+        generator = torch.Generator().manual_seed(1)
+        with monkeypatch.context() as patch:
+            if fused:
+                planned: list[bool] = []
+                plan = getattr(triton_step, f"planned_wave_{kind}_")
+                patch.setattr(triton_step, f"planned_wave_{kind}_", lambda *a, **k: planned.append(plan(*a, **k)) or planned[-1])
+                chosen = _chosen_vector_widths(patch)
+            for _ in range(6):
+                for p in params:
+                    p.grad = _at_offset(torch.randn(p.shape, generator=generator), 1 if misaligned == "grad" else 0)
+                opt.step()
+        runs.append(params)
+    assert len(planned) == 5 and all(planned)  # every step after the first took the plan
+    assert chosen and set(chosen) == {4 if misaligned is None else 1}
+    for fused, eager in zip(*runs):
+        rtol, atol = TOLERANCES[torch.float32]
+        torch.testing.assert_close(fused, eager, rtol=rtol, atol=atol)
 
 
 @needs_interpreter
@@ -529,46 +640,29 @@ def test_triton_available_matches_the_mode() -> None:
 def test_kernels_compile_for_cuda_without_a_gpu() -> None:
     """The interpreter runs the kernels as Python, which accepts code the compiler refuses;
     compile the main variants to cubins for sm_90 and sm_80 (triton ships ptxas, no GPU
-    needed), in a subprocess without TRITON_INTERPRET. Cold cache: ~20 s."""
-    code = r"""
-import triton, triton.language as tl
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from waveguard_optim.kernels import triton_step as ts
-
-def build(fn, dtypes, n, full, acc, arch, decay=0.0, **flags):
-    const = dict(dtypes, C=(7 if fn is ts._wave_adam_kernel else 4) + n, ACC=acc,
-                 BLOCK=ts._launch_config(n, acc == tl.float64)[0], **flags,
-                 **ts._filter_constexprs(n, full, decay, 1.0, True))
-    sig = dict(table="*i64", blocks="*i32", hyper="*fp64", scale_ptr="*fp32", **{k: "constexpr" for k in const})
-    triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const), target=GPUTarget("cuda", arch, 32))
-
-f32, bf16, f64 = tl.float32, tl.bfloat16, tl.float64
-adam = dict(HAS_SCALE=True, MAXIMIZE=True, HAS_WD=True, DECOUPLED=False, AMSGRAD=True)
-sgd = dict(HAS_SCALE=True, MAXIMIZE=False, HAS_WD=True, MOMENTUM=True, FIRST=False, NESTEROV=True)
-def adam_dt(p, s):
-    return dict(P_DT=p, G_DT=p, M_DT=p, V_DT=p, VMAX_DT=p, STEP_DT=f32, S_DT=s)
-for n in (2, 8, 64):
-    build(ts._wave_adam_kernel, adam_dt(f32, f32), n, True, f32, 90, **adam)
-build(ts._wave_adam_kernel, adam_dt(bf16, bf16), 8, False, f32, 90, **adam)
-build(ts._wave_adam_kernel, adam_dt(f32, f32), 8, True, f32, 90, decay=0.85, **adam)
-build(ts._wave_adam_kernel, adam_dt(f32, bf16), 16, True, f32, 80, **dict(adam, DECOUPLED=True))
-build(ts._wave_adam_kernel, adam_dt(f64, bf16), 4, True, f64, 90, **adam)
-build(ts._wave_adam_kernel, adam_dt(f64, f64), 8, True, f64, 90, decay=0.85, **adam)
-build(ts._wave_sgd_kernel, dict(P_DT=f32, G_DT=f32, BUF_DT=f32, S_DT=f32), 32, True, f32, 90, **sgd)
-build(ts._wave_sgd_kernel, dict(P_DT=f32, G_DT=f32, BUF_DT=f32, S_DT=f32), 8, True, f32, 90, decay=1.0, **sgd)
-build(ts._wave_sgd_kernel, dict(P_DT=bf16, G_DT=bf16, BUF_DT=bf16, S_DT=bf16), 4, True, f32, 80,
-      **dict(sgd, FIRST=True, NESTEROV=False))
-print("ok")
-"""
+    needed) with ``bench/triton_sass.py`` in a subprocess without TRITON_INTERPRET, and read
+    their SASS: every global load comes before the first global store (one DRAM round trip
+    per block, issue 18), and the aligned fp32 N = 8 Adam step loads 128 bits at a time, its
+    scalar path does not. Cold cache: ~30 s."""
     from triton.backends import backends
 
     if "nvidia" not in backends:
         pytest.skip("this triton build has no NVIDIA backend")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-4000:]
+    script = os.path.join(os.path.dirname(__file__), os.pardir, "bench", "triton_sass.py")
+    result = subprocess.run([sys.executable, script, "--json"], env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    variants = json.loads(result.stdout.strip().splitlines()[-1])
+    assert len(variants) == 15
+    for name, facts in variants.items():
+        ops = facts["ops"]
+        stores = [k for k, op in enumerate(ops) if op.startswith("STG")]
+        assert stores and ops[0].startswith("LDG"), f"{name}: {ops}"
+        late = [op for op in ops[stores[0] :] if op.startswith("LDG")]
+        assert not late, f"{name}: global loads after the first global store: {late}"
+    assert "LDG.E.128" in variants["adam f32 N=8 aligned"]["ops"], variants["adam f32 N=8 aligned"]
+    assert "LDG.E.128" not in variants["adam f32 N=8"]["ops"], variants["adam f32 N=8"]
 
 
 @needs_interpreter
