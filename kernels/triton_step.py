@@ -888,13 +888,13 @@ def fused_wave_sgd_(
 
 
 def _planned_launches(
-    plan: StepPlan, grads: list[Tensor], fixed: list[np.ndarray], kernel: Any, hyper: Tensor, scale: Tensor | None, filter_options: tuple[float, float, bool], **constexprs: Any
+    plan: StepPlan, fixed: list[np.ndarray], kernel: Any, hyper: Tensor, scale: Tensor | None, filter_options: tuple[float, float, bool], **constexprs: Any
 ) -> None:
-    """The table of a planned step (numel, p, grad, ``fixed`` columns, slots oldest first) and
-    its launches: one for the full histories, one for those still warming up."""
+    """The table of a planned step (numel, p, the gradients ``confirm`` accepted, ``fixed``
+    columns, slots oldest first) and its launches: one for the full histories, one for those
+    still warming up."""
     slots, full = plan.ring()
-    grad_ptrs = np.fromiter(map(Tensor.data_ptr, grads), dtype=np.int64, count=plan.rows)
-    table = np.concatenate([plan.sizes[:, None], plan.fixed_ptrs[:, :1], grad_ptrs[:, None], *(c[:, None] for c in fixed), slots], axis=1)
+    table = np.concatenate([plan.sizes[:, None], plan.fixed_ptrs[:, :1], plan.grad_ptrs[:, None], *(c[:, None] for c in fixed), slots], axis=1)
     n = plan.buffer_size
     for is_full in (True, False):
         rows = np.flatnonzero(full == is_full)
@@ -948,7 +948,7 @@ def planned_wave_adam_(
     vmax = columns[:, 2] if amsgrad else np.zeros(plan.rows, dtype=np.int64)
     dt, acc = _TL_DTYPES[plan.dtype], tl.float64 if compute_dtype(plan.dtype) == torch.float64 else tl.float32
     _planned_launches(
-        plan, grads, [columns[:, 0], columns[:, 1], vmax, step_ptrs], _wave_adam_kernel, hyper, scale, (decay, threshold_scale, snr_gate),
+        plan, [columns[:, 0], columns[:, 1], vmax, step_ptrs], _wave_adam_kernel, hyper, scale, (decay, threshold_scale, snr_gate),
         P_DT=dt, G_DT=dt, M_DT=dt, V_DT=dt, VMAX_DT=dt, STEP_DT=_TL_DTYPES[next(iter(step_dtypes))], S_DT=_TL_DTYPES[plan.slot_dtype],
         ACC=acc, MAXIMIZE=bool(maximize), HAS_WD=_nonzero(weight_decay), DECOUPLED=bool(decoupled_weight_decay), AMSGRAD=bool(amsgrad),
     )  # fmt: skip
@@ -983,7 +983,7 @@ def planned_wave_sgd_(
     buffers = plan.fixed_ptrs[:, 1] if has_momentum else np.zeros(plan.rows, dtype=np.int64)
     dt, acc = _TL_DTYPES[plan.dtype], tl.float64 if compute_dtype(plan.dtype) == torch.float64 else tl.float32
     _planned_launches(
-        plan, grads, [buffers], _wave_sgd_kernel, hyper, _scale(grad_scale, device), (decay, threshold_scale, snr_gate),
+        plan, [buffers], _wave_sgd_kernel, hyper, _scale(grad_scale, device), (decay, threshold_scale, snr_gate),
         P_DT=dt, G_DT=dt, BUF_DT=dt, S_DT=_TL_DTYPES[plan.slot_dtype], ACC=acc, MAXIMIZE=bool(maximize),
         HAS_WD=_nonzero(weight_decay), MOMENTUM=has_momentum, FIRST=False, NESTEROV=bool(nesterov),
     )  # fmt: skip
