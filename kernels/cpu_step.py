@@ -849,7 +849,6 @@ def _planned_ptrs(plan: StepPlan) -> tuple[np.ndarray, np.ndarray]:
 
 def planned_wave_adam_(
     plan: StepPlan,
-    grads: list[Tensor],
     state_steps: list[Tensor],
     *,
     decay: float,
@@ -867,7 +866,7 @@ def planned_wave_adam_(
     backend: str | None = None,
     strict: bool = False,
 ) -> bool:
-    """:func:`fused_wave_adam_` on a confirmed plan (``plan.confirm`` returned True for these
+    """:func:`fused_wave_adam_` on a confirmed plan (``plan.confirm`` returned True for this step's
     grads): records, filters, updates and advances the ring counts. False, with nothing changed,
     where the planned step does not apply (then take the full step)."""
     scale = None if grad_scale is None else _to_float(grad_scale)
@@ -890,7 +889,6 @@ def planned_wave_adam_(
 
 def planned_wave_sgd_(
     plan: StepPlan,
-    grads: list[Tensor],
     *,
     decay: float,
     threshold_scale: float,

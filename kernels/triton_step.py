@@ -913,7 +913,6 @@ def _plannable(plan: StepPlan, columns: int) -> bool:
 @torch.no_grad()
 def planned_wave_adam_(
     plan: StepPlan,
-    grads: list[Tensor],
     state_steps: list[Tensor],
     *,
     decay: float,
@@ -930,7 +929,7 @@ def planned_wave_adam_(
     grad_scale: Tensor | None = None,
     strict: bool = False,
 ) -> bool:
-    """:func:`fused_wave_adam_` on a confirmed plan (``plan.confirm`` returned True for these
+    """:func:`fused_wave_adam_` on a confirmed plan (``plan.confirm`` returned True for this step's
     grads); also advances the ring counts. False, with nothing changed, where it does not apply."""
     step_dtypes = set(map(_DTYPE_OF, state_steps))
     if not _plannable(plan, 3 if amsgrad else 2) or len(step_dtypes) != 1 or next(iter(step_dtypes)) not in _TL_DTYPES:
@@ -959,7 +958,6 @@ def planned_wave_adam_(
 @torch.no_grad()
 def planned_wave_sgd_(
     plan: StepPlan,
-    grads: list[Tensor],
     *,
     decay: float,
     threshold_scale: float,

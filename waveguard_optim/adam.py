@@ -137,5 +137,5 @@ class WaveAdam(WaveGuardMixin, torch.optim.Adam):
     def _plan_columns(self, group: dict[str, Any]) -> tuple[tuple[str, ...], str | None]:
         return ("exp_avg", "exp_avg_sq", *(("max_exp_avg_sq",) if group["amsgrad"] else ())), "step"
 
-    def _run_plan(self, group: dict[str, Any], kernels: Any, plan: Any, grads: list[Tensor]) -> bool:
-        return kernels.planned_wave_adam_(plan, grads, plan.steps, **self._fused_options(group))
+    def _run_plan(self, group: dict[str, Any], kernels: Any, plan: Any) -> bool:
+        return kernels.planned_wave_adam_(plan, plan.steps, **self._fused_options(group))

@@ -177,10 +177,11 @@ class WaveGuardMixin(torch.optim.Optimizer):
     def _planned_step(self, group: dict[str, Any], kernels: ModuleType, plan: Any) -> bool:
         params, grads = _with_grads(group["params"])
         states = list(map(self.state.get, params))
-        return plan.confirm(params, states, grads) and self._run_plan(group, kernels, plan, grads)
+        return plan.confirm(params, states, grads) and self._run_plan(group, kernels, plan)
 
-    def _run_plan(self, group: dict[str, Any], kernels: ModuleType, plan: Any, grads: list[Tensor]) -> bool:
-        """The kernel module's planned step of this optimizer on a confirmed plan (False: it does not apply)."""
+    def _run_plan(self, group: dict[str, Any], kernels: ModuleType, plan: Any) -> bool:
+        """The kernel module's planned step of this optimizer on a confirmed plan, whose gradients
+        ``confirm`` accepted (False: it does not apply)."""
         raise NotImplementedError
 
     def _plan_columns(self, group: dict[str, Any]) -> tuple[tuple[str, ...], str | None]:

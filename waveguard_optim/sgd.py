@@ -120,5 +120,5 @@ class WaveSGD(WaveGuardMixin, torch.optim.SGD):
     def _plan_columns(self, group: dict[str, Any]) -> tuple[tuple[str, ...], str | None]:
         return ("momentum_buffer",) if group["momentum"] != 0 else (), None
 
-    def _run_plan(self, group: dict[str, Any], kernels: Any, plan: Any, grads: list[Tensor]) -> bool:
-        return kernels.planned_wave_sgd_(plan, grads, **self._fused_options(group))
+    def _run_plan(self, group: dict[str, Any], kernels: Any, plan: Any) -> bool:
+        return kernels.planned_wave_sgd_(plan, **self._fused_options(group))
