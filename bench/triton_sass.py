@@ -40,34 +40,35 @@ def adam_dtypes(p: Any, s: Any) -> dict[str, Any]:
     return dict(P_DT=p, G_DT=p, M_DT=p, V_DT=p, VMAX_DT=p, STEP_DT=F32, S_DT=s)
 
 
-# name -> (kernel, dtypes, N, full, compute dtype, sm, flags); "decay" is the filter's.
+# name -> (kernel, dtypes, N, compute dtype, sm, flags); "decay" is the filter's. One variant
+# serves warm-up and full histories (the kernel reads the ring from the count).
 VARIANTS: dict[str, tuple[Any, ...]] = {
-    **{f"adam f32 N={n}": (ts._wave_adam_kernel, adam_dtypes(F32, F32), n, True, F32, 90, ADAM) for n in (2, 8, 64)},
-    "adam bf16 N=8 warm-up": (ts._wave_adam_kernel, adam_dtypes(BF16, BF16), 8, False, F32, 90, ADAM),
-    "adam f32 N=8 decay 0.85": (ts._wave_adam_kernel, adam_dtypes(F32, F32), 8, True, F32, 90, dict(ADAM, decay=0.85)),
+    **{f"adam f32 N={n}": (ts._wave_adam_kernel, adam_dtypes(F32, F32), n, F32, 90, ADAM) for n in (2, 8, 64)},
+    "adam bf16 N=8": (ts._wave_adam_kernel, adam_dtypes(BF16, BF16), 8, F32, 90, ADAM),
+    "adam f32 N=8 decay 0.85": (ts._wave_adam_kernel, adam_dtypes(F32, F32), 8, F32, 90, dict(ADAM, decay=0.85)),
     "adam f32/bf16 slots N=16 decoupled sm80": (
-        ts._wave_adam_kernel, adam_dtypes(F32, BF16), 16, True, F32, 80, dict(ADAM, DECOUPLED=True),
+        ts._wave_adam_kernel, adam_dtypes(F32, BF16), 16, F32, 80, dict(ADAM, DECOUPLED=True),
     ),
-    "adam f64/bf16 slots N=4": (ts._wave_adam_kernel, adam_dtypes(F64, BF16), 4, True, F64, 90, ADAM),
-    "adam f64 N=8 decay 0.85": (ts._wave_adam_kernel, adam_dtypes(F64, F64), 8, True, F64, 90, dict(ADAM, decay=0.85)),
-    "sgd f32 N=32": (ts._wave_sgd_kernel, SGD_F32, 32, True, F32, 90, SGD),
-    "sgd f32 N=8 decay 1": (ts._wave_sgd_kernel, SGD_F32, 8, True, F32, 90, dict(SGD, decay=1.0)),
+    "adam f64/bf16 slots N=4": (ts._wave_adam_kernel, adam_dtypes(F64, BF16), 4, F64, 90, ADAM),
+    "adam f64 N=8 decay 0.85": (ts._wave_adam_kernel, adam_dtypes(F64, F64), 8, F64, 90, dict(ADAM, decay=0.85)),
+    "sgd f32 N=32": (ts._wave_sgd_kernel, SGD_F32, 32, F32, 90, SGD),
+    "sgd f32 N=8 decay 1": (ts._wave_sgd_kernel, SGD_F32, 8, F32, 90, dict(SGD, decay=1.0)),
     "sgd bf16 N=4 first sm80": (
-        ts._wave_sgd_kernel, dict(P_DT=BF16, G_DT=BF16, BUF_DT=BF16, S_DT=BF16), 4, True, F32, 80,
+        ts._wave_sgd_kernel, dict(P_DT=BF16, G_DT=BF16, BUF_DT=BF16, S_DT=BF16), 4, F32, 80,
         dict(SGD, FIRST=True, NESTEROV=False),
     ),
 }
 # Variants also compiled aligned, with the VEC the host picks for them (16 bytes of the narrowest dtype).
-ALIGNED = {"adam f32 N=8": 4, "adam bf16 N=8 warm-up": 8, "adam f64 N=8 decay 0.85": 2, "sgd f32 N=8 decay 1": 4}
+ALIGNED = {"adam f32 N=8": 4, "adam bf16 N=8": 8, "adam f64 N=8 decay 0.85": 2, "sgd f32 N=8 decay 1": 4}
 
 
-def inspect(kernel: Any, dtypes: dict[str, Any], n: int, full: bool, acc: Any, arch: int, flags: dict[str, Any], vec: int = 1) -> dict[str, Any]:
+def inspect(kernel: Any, dtypes: dict[str, Any], n: int, acc: Any, arch: int, flags: dict[str, Any], vec: int = 1) -> dict[str, Any]:
     """Compile one variant; its global memory instructions in program order, registers, spills."""
     flags = dict(flags)
     decay = flags.pop("decay", 0.0)
     const = dict(
-        dtypes, C=(7 if kernel is ts._wave_adam_kernel else 4) + n, ACC=acc, BLOCK=ts._launch_config(n, acc == F64)[0],
-        VEC=vec, **flags, **ts._filter_constexprs(n, full, decay, 1.0, True),
+        dtypes, C=(ts._ADAM_FIXED if kernel is ts._wave_adam_kernel else ts._SGD_FIXED) + n, ACC=acc, BLOCK=ts._launch_config(n, acc == F64)[0],
+        VEC=vec, **flags, **ts._filter_constexprs(n, decay, 1.0, True),
     )  # fmt: skip
     signature = dict(table="*i64", blocks="*i32", hyper="*fp64", scale_ptr="*fp32", **{k: "constexpr" for k in const})
     compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=const), target=GPUTarget("cuda", arch, 32))

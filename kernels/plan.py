@@ -62,6 +62,7 @@ class StepPlan:
         count = len(self.tensors)
         self.ptrs = _ints(map(Tensor.data_ptr, self.tensors), count)
         self.sizes = _ints(map(Tensor.numel, params), rows)
+        self.numels = tuple(self.sizes.tolist())
         self.dtype, self.device = params[0].dtype, params[0].device
         self.device_index = params[0].get_device()  # -1 on the CPU; one int per gradient to compare
         c, first_slot = len(columns), len(keys) - n - 1
@@ -69,6 +70,7 @@ class StepPlan:
         self.fixed_ptrs = np.column_stack([self.ptrs[:rows], per_row[:, :c]])  # p, then each column
         self.step_ptrs = per_row[:, c] if step else np.zeros(0, dtype=np.int64)  # Adam's steps
         self.slot_ptrs = np.ascontiguousarray(per_row[:, first_slot:-1])
+        self.count_ptrs = np.ascontiguousarray(per_row[:, -1])
         self.fixed_written = [*params, *(t for h in held for t in h[:c])]  # p and its state columns
         self.steps = [h[c] for h in held] if step else []
         self.slots = [t for h in held for t in h[first_slot:-1]]  # row by row, in storage order

@@ -8,11 +8,11 @@ torch's Adam or SGD update on the result. Its pure-torch twin is
 
 Launch structure. A step touches, per parameter, 4 to 6 state tensors plus N history
 slots, and real models have hundreds of small parameters, so there is one launch per
-*group* of parameters sharing dtypes, buffer size and warm-up status (normally one per
-param group), never one per tensor:
+*group* of parameters sharing dtypes and buffer size (normally one per param group), never
+one per tensor:
 
 * a ``table`` (int64, one row per tensor) holds ``numel`` and the raw addresses of the
-  parameter, gradient, states and slots; the kernel turns them into typed pointers
+  parameter, gradient, states, ring count and slots; the kernel turns them into typed pointers
   (``int64 -> tl.pointer_type``), as Triton's grouped-GEMM tutorial does. This works
   under ``TRITON_INTERPRET=1`` (which dereferences host addresses) and on CUDA, and it
   needs no packing or copying of the slots, which must stay separate parameter-shaped
@@ -23,6 +23,11 @@ param group), never one per tensor:
   hyperparameters need no host sync (no ``.item()``), and the bias corrections are
   computed per program in float64 from the device-side ``step``, as torch computes them
   in Python floats, then rounded once to the compute dtype.
+* the ring is read on the device: from a row's ``wave_count`` the kernel finds the newest
+  slot and whether the history is full, so warm-up and full histories share one launch and
+  one compiled variant, and the host decides nothing per step. A planned step's counts are
+  the plan's (a device copy of them on a GPU, kernels/plan.py); the full step points the
+  count column at counts that reproduce the ``histories`` / ``full`` it was given.
 
 Small host tensors (tables, hyper) reach the GPU through pinned memory, asynchronously;
 the per-call table copy makes the step not CUDA-graph capturable.
@@ -69,10 +74,11 @@ __all__ = ["fused_wave_adam_", "fused_wave_sgd_", "triton_available", "make_plan
 _SQRT_HALF = math.sqrt(0.5)  # the orthonormal Haar normalisation (SPEC section 3, step 2)
 
 # Columns of the pointer table. Adam: numel, param, grad, exp_avg, exp_avg_sq,
-# max_exp_avg_sq, step, then the N slots oldest first (the newest is the last column).
-# SGD: numel, param, grad, momentum_buffer, then the slots.
-_ADAM_FIXED = 7
-_SGD_FIXED = 4
+# max_exp_avg_sq, step, wave_count, then the N slots in ring order (``wave_history_0`` first;
+# the kernel finds the newest from the count). SGD: numel, param, grad, momentum_buffer,
+# wave_count, then the slots. The count is always the column before the slots.
+_ADAM_FIXED = 8
+_SGD_FIXED = 5
 
 
 if triton is not None:
@@ -188,33 +194,43 @@ if triton is not None:
 
     @triton.jit
     def _load_gradient(
-        row, offs, mask, scale_ptr, C: tl.constexpr, FIXED: tl.constexpr, G_DT: tl.constexpr, S_DT: tl.constexpr,
-        ACC: tl.constexpr, HAS_SCALE: tl.constexpr, FULL: tl.constexpr, VEC: tl.constexpr,
+        row, offs, size, scale_ptr, C: tl.constexpr, FIXED: tl.constexpr, G_DT: tl.constexpr, S_DT: tl.constexpr,
+        ACC: tl.constexpr, HAS_SCALE: tl.constexpr, VEC: tl.constexpr,
     ):  # fmt: skip
-        """The loads of the record-and-filter half: the gradient, grad_scale (1 without one),
-        the older slots oldest first (none during warm-up), and the newest slot's pointers."""
-        g = tl.load(_column(row, 2, offs, G_DT, VEC), mask=mask, other=0.0).to(ACC)
+        """The loads of the record-and-filter half: the gradient, grad_scale (1 without one), the
+        older slots oldest first, whether the history is full, and the newest slot's pointers.
+
+        The ring comes from the row's count (the gradients recorded before this one), on the
+        device: the newest slot is column ``count mod N`` of the row's slots, the older ones
+        follow it cyclically (as ``history.time_ordered``), and they are read only once the
+        history is full (``count >= N - 1``; before that they load as 0 and are not used).
+        ``size`` is the row's numel (``VEC`` divides it)."""
+        N: tl.constexpr = C - FIXED
+        count = tl.load(tl.load(row + FIXED - 1).to(tl.pointer_type(tl.int64)))
+        full = count >= N - 1
+        older_mask = offs < tl.multiple_of(tl.where(full, size, 0), VEC)  # not `mask & full`: the interpreter makes that int32
+        g = tl.load(_column(row, 2, offs, G_DT, VEC), mask=offs < size, other=0.0).to(ACC)
         if HAS_SCALE:
             scale = tl.load(scale_ptr).to(ACC)
         else:
             scale = tl.full((), 1.0, ACC)
         older = ()
-        if FULL:
-            for j in tl.static_range(FIXED, C - 1):
-                older = older + (tl.load(_column(row, j, offs, S_DT, VEC), mask=mask, other=0.0).to(ACC),)
-        return g, scale, older, _column(row, C - 1, offs, S_DT, VEC)
+        for j in tl.static_range(1, N):
+            slot = _column(row, FIXED + ((count + j) & (N - 1)), offs, S_DT, VEC)
+            older = older + (tl.load(slot, mask=older_mask, other=0.0).to(ACC),)
+        return g, scale, older, full, _column(row, FIXED + (count & (N - 1)), offs, S_DT, VEC)
 
     @triton.jit
     def _denoised_gradient(
         g,
         scale,
         older,
+        full,
         G_DT: tl.constexpr,
         S_DT: tl.constexpr,
         ACC: tl.constexpr,
         HAS_SCALE: tl.constexpr,
         MAXIMIZE: tl.constexpr,
-        FULL: tl.constexpr,
         W: tl.constexpr,
         U: tl.constexpr,
         STEPS: tl.constexpr,
@@ -224,7 +240,7 @@ if triton is not None:
     ):
         """From what :func:`_load_gradient` loaded: ``newest``, g = grad (/ grad_scale) (negated
         under maximize) as the newest slot records it, and the filtered gradient over the older
-        slots and ``newest`` as stored (g itself during warm-up)."""
+        slots and ``newest`` as stored where the history is ``full`` (g itself during warm-up)."""
         if HAS_SCALE:
             if ACC == tl.float32:
                 g = tl.div_rn(g, scale)
@@ -236,11 +252,10 @@ if triton is not None:
             newest = g
         else:  # float64 -> 16 bits through float32, as torch converts
             newest = g.to(tl.float32).to(S_DT)
-        if FULL:
-            g = _wave_filter(older + (newest.to(ACC),), ACC, W, U, STEPS, MIDDLE, TSCALE, SNR_GATE)
-            if G_DT != ACC:  # g_hat in the gradient's dtype, as the eager path hands it to the update
-                g = g.to(G_DT).to(ACC)
-        return newest, g
+        filtered = _wave_filter(older + (newest.to(ACC),), ACC, W, U, STEPS, MIDDLE, TSCALE, SNR_GATE)
+        if G_DT != ACC:  # g_hat in the gradient's dtype, as the eager path hands it to the update
+            filtered = filtered.to(G_DT).to(ACC)
+        return newest, tl.where(full, filtered, g)
 
     # The kernels issue every global load first and store last (module docstring): a load
     # placed after a store, a division or the float64 bias corrections was issued after them
@@ -263,7 +278,6 @@ if triton is not None:
         ACC: tl.constexpr,
         BLOCK: tl.constexpr,
         VEC: tl.constexpr,
-        FULL: tl.constexpr,
         W: tl.constexpr,
         U: tl.constexpr,
         STEPS: tl.constexpr,
@@ -280,10 +294,11 @@ if triton is not None:
         row = table + tl.load(blocks + 2 * pid).to(tl.int64) * C
         chunk = tl.load(blocks + 2 * pid + 1).to(tl.int64)
         offs = chunk * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-        mask = offs < tl.multiple_of(tl.load(row), VEC)  # VEC divides every size of the launch
+        size = tl.multiple_of(tl.load(row), VEC)  # VEC divides every size of the launch
+        mask = offs < size
 
         # Loads. hyper = [lr, beta1, beta2, eps, weight_decay] in float64.
-        g, scale, older, newest_ptr = _load_gradient(row, offs, mask, scale_ptr, C, _ADAM_FIXED_C, G_DT, S_DT, ACC, HAS_SCALE, FULL, VEC)
+        g, scale, older, full, newest_ptr = _load_gradient(row, offs, size, scale_ptr, C, _ADAM_FIXED_C, G_DT, S_DT, ACC, HAS_SCALE, VEC)
         p_ptr = _column(row, 1, offs, P_DT, VEC)
         m_ptr = _column(row, 3, offs, M_DT, VEC)
         v_ptr = _column(row, 4, offs, V_DT, VEC)
@@ -307,7 +322,7 @@ if triton is not None:
         neg_step_size = (-(lr / bias_correction1)).to(ACC)
         bias_correction2_sqrt = tl.sqrt(bias_correction2).to(ACC)
 
-        newest, g = _denoised_gradient(g, scale, older, G_DT, S_DT, ACC, HAS_SCALE, MAXIMIZE, FULL, W, U, STEPS, MIDDLE, TSCALE, SNR_GATE)
+        newest, g = _denoised_gradient(g, scale, older, full, G_DT, S_DT, ACC, HAS_SCALE, MAXIMIZE, W, U, STEPS, MIDDLE, TSCALE, SNR_GATE)
         if HAS_WD:
             if DECOUPLED:  # param.mul_(1 - lr * weight_decay)
                 p = p * (1.0 - lr * weight_decay).to(ACC)
@@ -353,7 +368,6 @@ if triton is not None:
         ACC: tl.constexpr,
         BLOCK: tl.constexpr,
         VEC: tl.constexpr,
-        FULL: tl.constexpr,
         W: tl.constexpr,
         U: tl.constexpr,
         STEPS: tl.constexpr,
@@ -371,10 +385,11 @@ if triton is not None:
         row = table + tl.load(blocks + 2 * pid).to(tl.int64) * C
         chunk = tl.load(blocks + 2 * pid + 1).to(tl.int64)
         offs = chunk * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-        mask = offs < tl.multiple_of(tl.load(row), VEC)  # VEC divides every size of the launch
+        size = tl.multiple_of(tl.load(row), VEC)  # VEC divides every size of the launch
+        mask = offs < size
 
         # Loads. hyper = [lr, momentum, dampening, weight_decay] in float64.
-        g, scale, older, newest_ptr = _load_gradient(row, offs, mask, scale_ptr, C, _SGD_FIXED_C, G_DT, S_DT, ACC, HAS_SCALE, FULL, VEC)
+        g, scale, older, full, newest_ptr = _load_gradient(row, offs, size, scale_ptr, C, _SGD_FIXED_C, G_DT, S_DT, ACC, HAS_SCALE, VEC)
         p_ptr = _column(row, 1, offs, P_DT, VEC)
         p = tl.load(p_ptr, mask=mask, other=0.0).to(ACC)
         if MOMENTUM:
@@ -386,7 +401,7 @@ if triton is not None:
         dampening = tl.load(hyper + 2)
         weight_decay = tl.load(hyper + 3).to(ACC)
 
-        newest, d_p = _denoised_gradient(g, scale, older, G_DT, S_DT, ACC, HAS_SCALE, MAXIMIZE, FULL, W, U, STEPS, MIDDLE, TSCALE, SNR_GATE)
+        newest, d_p = _denoised_gradient(g, scale, older, full, G_DT, S_DT, ACC, HAS_SCALE, MAXIMIZE, W, U, STEPS, MIDDLE, TSCALE, SNR_GATE)
         if HAS_WD:  # grad.add(param, alpha=weight_decay)
             d_p = d_p + weight_decay * p
         if MOMENTUM:
@@ -561,11 +576,12 @@ def _vector_width(table: np.ndarray, constexprs: dict[str, Any]) -> int:
     """The kernel's ``VEC``: the elements of its narrowest dtype in 16 bytes where every
     address the kernel reads elementwise is 16-byte aligned and every size a multiple of
     that; else 1, the scalar path. From the table's real addresses (absent tensors are 0),
-    all rows at once; Adam's column of step addresses (scalars) does not count."""
+    all rows at once; the columns of scalars (Adam's steps, the counts) do not count."""
     itemsize = min(constexprs[k].primitive_bitwidth for k in _ELEMENTWISE_DTYPES if k in constexprs) // 8
     vec = 16 // itemsize
     columns = np.bitwise_or.reduce(table, axis=0)  # a power of two divides every entry iff it divides this
-    addresses = np.delete(columns, [0, _ADAM_FIXED - 1] if "STEP_DT" in constexprs else [0])  # not sizes, Adam's steps
+    scalars = [0, _ADAM_FIXED - 2, _ADAM_FIXED - 1] if "STEP_DT" in constexprs else [0, _SGD_FIXED - 1]  # sizes, steps, counts
+    addresses = np.delete(columns, scalars)
     aligned = not (np.bitwise_or.reduce(addresses) % 16 or columns[0] % vec)
     return vec if aligned else 1
 
@@ -593,20 +609,15 @@ def _launch(
         )
 
 
-def _filter_constexprs(
-    buffer_size: int, is_full: bool, decay: float, threshold_scale: float, snr_gate: bool
-) -> dict[str, Any]:
-    """The filter's trace-time constants, from waveguard_optim.filter (none during warm-up,
-    so that warm-up launches share one compiled variant whatever the filter options). ``W``
-    is w without its leading zeros; ``TSCALE`` is 0 when no correction term has a nonzero
-    weight (kappa = 0, or decay = 1)."""
-    if not is_full:
-        return dict(FULL=False, W=(), U=(), STEPS=(), MIDDLE=(), TSCALE=0.0, SNR_GATE=False)
+def _filter_constexprs(buffer_size: int, decay: float, threshold_scale: float, snr_gate: bool) -> dict[str, Any]:
+    """The filter's trace-time constants, from waveguard_optim.filter. ``W`` is w without its
+    leading zeros; ``TSCALE`` is 0 when no correction term has a nonzero weight (kappa = 0,
+    or decay = 1). Warm-up and full histories share them: the kernel tells them apart."""
     w, u = filter_weights(buffer_size, float(decay))
     steps, middle = median_network(buffer_size // 2)
     tscale = threshold_scale_factor(buffer_size, float(threshold_scale)) if any(u[1:]) else 0.0
     first = next(j for j, x in enumerate(w) if x != 0)
-    return dict(FULL=True, W=w[first:], U=u, STEPS=steps, MIDDLE=middle, TSCALE=tscale, SNR_GATE=bool(snr_gate))
+    return dict(W=w[first:], U=u, STEPS=steps, MIDDLE=middle, TSCALE=tscale, SNR_GATE=bool(snr_gate))
 
 
 def _tl_dtype(name: str, t: Tensor) -> Any:
@@ -699,6 +710,27 @@ def _steps_on(state_steps: Sequence[Tensor], device: torch.device) -> list[Tenso
     return steps
 
 
+def _ring_order(slots: Sequence[Tensor], full: bool) -> tuple[list[Tensor], list[bool], int]:
+    """For a call given ``histories[i]`` (oldest first, the newest last) and ``full[i]``: the
+    slots in the order the table holds them, which one the kernel writes, and the count that
+    makes the kernel's ring pick them so (newest = slot ``count mod N``, full iff
+    ``count >= N - 1``): time order and N - 1 when full; in warm-up the newest first and 0."""
+    n = len(slots)
+    if full:
+        return list(slots), [False] * (n - 1) + [True], n - 1
+    return [slots[-1], *slots[:-1]], [True] + [False] * (n - 1), 0
+
+
+def _point_at_counts(rows: Sequence[list[int]], counts: Sequence[int], column: int, device: torch.device) -> Tensor:
+    """Put ``counts`` on the device and their addresses into ``column`` of the table ``rows``;
+    the returned tensor holds them and must outlive the launches."""
+    held = _to_device(torch.tensor(counts, dtype=torch.int64), device)
+    base = held.data_ptr()
+    for k, row in enumerate(rows):
+        row[column] = base + 8 * k
+    return held
+
+
 @torch.compiler.disable  # torch.compile: a launch through a pointer table is one opaque call, as cpu_step's
 @torch.no_grad()
 def fused_wave_adam_(
@@ -743,14 +775,14 @@ def fused_wave_adam_(
     scale = _scale(grad_scale, device)
 
     launches: dict[tuple[Any, ...], _Launch] = {}
-    step_rows: list[tuple[list[int], int]] = []  # (table row, parameter): step addresses, filled in below
+    rows: list[list[int]] = []  # table rows by parameter: step and count addresses are filled in below
+    counts: list[int] = []
     for i, p in enumerate(params):
-        slots = histories[i]
+        slots, slot_written, count = _ring_order(histories[i], full[i])
         max_exp_avg_sq = max_exp_avg_sqs[i] if amsgrad else None
         step = state_steps[i]
         key = (
             len(slots),
-            bool(full[i]),
             *(
                 _tl_dtype(name, t)
                 for t in (p, grads[i], exp_avgs[i], exp_avg_sqs[i], max_exp_avg_sq if amsgrad else p, step, slots[-1])
@@ -760,24 +792,25 @@ def fused_wave_adam_(
         launch = launches.get(key)
         if launch is None:
             launch = launches[key] = _Launch(name, device)
-        n = len(slots)
         addresses = launch.addresses(
             [p, grads[i], exp_avgs[i], exp_avg_sqs[i], max_exp_avg_sq, *slots],
-            [True, False, True, True, True, *([False] * (n - 1)), True],
+            [True, False, True, True, True, *slot_written],
             ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"),
             i,
         )
-        launch.add_row(p.numel(), [*addresses[:5], 0, *addresses[5:]])
-        step_rows.append((launch.rows[-1], i))
+        launch.add_row(p.numel(), [*addresses[:5], 0, 0, *addresses[5:]])
+        rows.append(launch.rows[-1])
+        counts.append(count)
 
     # Everything is validated: only now count the step (torch's fused Adam increments it too).
     torch._foreach_add_(state_steps, 1)
     steps = _steps_on(state_steps, device)
-    for row, i in step_rows:
-        row[_ADAM_FIXED - 1] = steps[i].data_ptr()
+    for row, step in zip(rows, steps):
+        row[_ADAM_FIXED - 2] = step.data_ptr()
+    held = _point_at_counts(rows, counts, _ADAM_FIXED - 1, device)
 
     for key, launch in launches.items():
-        n, is_full, p_dt, g_dt, m_dt, v_dt, vmax_dt, step_dt, s_dt, acc = key
+        n, p_dt, g_dt, m_dt, v_dt, vmax_dt, step_dt, s_dt, acc = key
         launch.run(
             _wave_adam_kernel,
             hyper,
@@ -795,8 +828,9 @@ def fused_wave_adam_(
             HAS_WD=_nonzero(weight_decay),
             DECOUPLED=bool(decoupled_weight_decay),
             AMSGRAD=bool(amsgrad),
-            **_filter_constexprs(n, is_full, decay, threshold_scale, snr_gate),
+            **_filter_constexprs(n, decay, threshold_scale, snr_gate),
         )
+    del held  # the counts' memory is reused only after the launches (stream order)
 
 
 @torch.compiler.disable  # torch.compile: a launch through a pointer table is one opaque call, as cpu_step's
@@ -837,8 +871,10 @@ def fused_wave_sgd_(
 
     launches: dict[tuple[Any, ...], _Launch] = {}
     created: dict[int, Tensor] = {}  # put into momentum_buffers once every row is validated
+    rows: list[list[int]] = []  # table rows by parameter: count addresses are filled in below
+    counts: list[int] = []
     for i, p in enumerate(params):
-        slots = histories[i]
+        slots, slot_written, count = _ring_order(histories[i], full[i])
         buf, first = None, False
         if has_momentum:
             buf = momentum_buffers[i]
@@ -847,7 +883,6 @@ def fused_wave_sgd_(
                 first = True
         key = (
             len(slots),
-            bool(full[i]),
             *(_tl_dtype(name, t) for t in (p, grads[i], p if buf is None else buf, slots[-1])),
             tl.float64 if compute_dtype(p.dtype) == torch.float64 else tl.float32,
             first,
@@ -855,16 +890,16 @@ def fused_wave_sgd_(
         launch = launches.get(key)
         if launch is None:
             launch = launches[key] = _Launch(name, device)
-        n = len(slots)
-        addresses = launch.addresses(
-            [p, grads[i], buf, *slots], [True, False, True, *([False] * (n - 1)), True], ("params", "grads", "momentum_buffers"), i
-        )
-        launch.add_row(p.numel(), addresses)
+        addresses = launch.addresses([p, grads[i], buf, *slots], [True, False, True, *slot_written], ("params", "grads", "momentum_buffers"), i)
+        launch.add_row(p.numel(), [*addresses[:3], 0, *addresses[3:]])
+        rows.append(launch.rows[-1])
+        counts.append(count)
     for i, buf in created.items():
         momentum_buffers[i] = buf
+    held = _point_at_counts(rows, counts, _SGD_FIXED - 1, device)
 
     for key, launch in launches.items():
-        n, is_full, p_dt, g_dt, buf_dt, s_dt, acc, first = key
+        n, p_dt, g_dt, buf_dt, s_dt, acc, first = key
         launch.run(
             _wave_sgd_kernel,
             hyper,
@@ -880,30 +915,53 @@ def fused_wave_sgd_(
             MOMENTUM=has_momentum,
             FIRST=first,
             NESTEROV=bool(nesterov),
-            **_filter_constexprs(n, is_full, decay, threshold_scale, snr_gate),
+            **_filter_constexprs(n, decay, threshold_scale, snr_gate),
         )
+    del held
 
 
 # --- planned steps: a param group's operands validated once (kernels/plan.py) ----------------
 
 
-def _planned_launches(
+def _reads_host_counts(device: torch.device) -> bool:
+    """Whether a kernel on ``device`` reads the plan's counts (CPU tensors) where they are: the
+    interpreter does; a GPU reads a device copy of them."""
+    return device.type == "cpu"
+
+
+def _kernel_counts(plan: StepPlan) -> np.ndarray:
+    """Where the kernel reads the group's ring counts: the counts themselves, or a device copy of
+    the count buffer kept in the plan (advanced with it by :func:`_advance`) and uploaded again
+    when the counts differ from it (restored in place, as ``torch.distributed.checkpoint`` does)."""
+    if _reads_host_counts(plan.device):
+        return plan.count_ptrs
+    copy = plan.cache.get("device counts")
+    if copy is None or not np.array_equal(copy[0], plan.count_values):
+        counts = _to_device(plan.count_buffer.clone(), plan.device)
+        copy = plan.cache["device counts"] = (plan.count_values.copy(), counts, counts.data_ptr() + 8 * np.arange(plan.rows, dtype=np.int64))
+    return copy[2]
+
+
+def _advance(plan: StepPlan) -> None:
+    """Count the recorded gradients: the plan's counts, and their device copy (one add on the device)."""
+    copy = plan.cache.get("device counts")
+    if copy is not None:
+        snapshot, counts, _ = copy
+        snapshot += 1
+        counts.add_(1)
+    plan.advance()
+
+
+def _planned_launch(
     plan: StepPlan, fixed: list[np.ndarray], kernel: Any, hyper: Tensor, scale: Tensor | None, filter_options: tuple[float, float, bool], **constexprs: Any
 ) -> None:
     """The table of a planned step (numel, p, the gradients ``confirm`` accepted, ``fixed``
-    columns, slots oldest first) and its launches: one for the full histories, one for those
-    still warming up."""
-    slots, full = plan.ring()
-    table = np.concatenate([plan.sizes[:, None], plan.fixed_ptrs[:, :1], plan.grad_ptrs[:, None], *(c[:, None] for c in fixed), slots], axis=1)
+    columns, the counts, the slots in ring order) and its one launch, warm-up and full rows alike."""
+    columns = [plan.sizes, plan.fixed_ptrs[:, 0], plan.grad_ptrs, *fixed, _kernel_counts(plan)]
+    table = np.concatenate([np.stack(columns, axis=1), plan.slot_ptrs], axis=1)
     n = plan.buffer_size
-    for is_full in (True, False):
-        rows = np.flatnonzero(full == is_full)
-        if len(rows):
-            part = table if len(rows) == plan.rows else table[rows]
-            _launch(
-                kernel, lambda: np.ascontiguousarray(part), tuple(plan.sizes[rows].tolist()), plan.device,
-                hyper, scale, n, constexprs | _filter_constexprs(n, is_full, *filter_options),
-            )  # fmt: skip
+    _launch(kernel, lambda: table, plan.numels, plan.device, hyper, scale, n, constexprs | _filter_constexprs(n, *filter_options))
+    _advance(plan)
 
 
 def _plannable(plan: StepPlan, columns: int) -> bool:
@@ -946,12 +1004,11 @@ def planned_wave_adam_(
     columns = plan.fixed_ptrs[:, 1:]
     vmax = columns[:, 2] if amsgrad else np.zeros(plan.rows, dtype=np.int64)
     dt, acc = _TL_DTYPES[plan.dtype], tl.float64 if compute_dtype(plan.dtype) == torch.float64 else tl.float32
-    _planned_launches(
+    _planned_launch(
         plan, [columns[:, 0], columns[:, 1], vmax, step_ptrs], _wave_adam_kernel, hyper, scale, (decay, threshold_scale, snr_gate),
         P_DT=dt, G_DT=dt, M_DT=dt, V_DT=dt, VMAX_DT=dt, STEP_DT=_TL_DTYPES[next(iter(step_dtypes))], S_DT=_TL_DTYPES[plan.slot_dtype],
         ACC=acc, MAXIMIZE=bool(maximize), HAS_WD=_nonzero(weight_decay), DECOUPLED=bool(decoupled_weight_decay), AMSGRAD=bool(amsgrad),
     )  # fmt: skip
-    plan.advance()
     return True
 
 
@@ -980,10 +1037,9 @@ def planned_wave_sgd_(
     hyper = _hyper([lr, momentum, dampening, weight_decay], device)
     buffers = plan.fixed_ptrs[:, 1] if has_momentum else np.zeros(plan.rows, dtype=np.int64)
     dt, acc = _TL_DTYPES[plan.dtype], tl.float64 if compute_dtype(plan.dtype) == torch.float64 else tl.float32
-    _planned_launches(
+    _planned_launch(
         plan, [buffers], _wave_sgd_kernel, hyper, _scale(grad_scale, device), (decay, threshold_scale, snr_gate),
         P_DT=dt, G_DT=dt, BUF_DT=dt, S_DT=_TL_DTYPES[plan.slot_dtype], ACC=acc, MAXIMIZE=bool(maximize),
         HAS_WD=_nonzero(weight_decay), MOMENTUM=has_momentum, FIRST=False, NESTEROV=bool(nesterov),
     )  # fmt: skip
-    plan.advance()
     return True

@@ -389,32 +389,37 @@ def _chosen_vector_widths(monkeypatch: pytest.MonkeyPatch | Any) -> list[int]:
 def test_vector_width_needs_every_address_and_size_aligned() -> None:
     """VEC > 1 tells the compiler that every elementwise address of the launch is 16-byte
     aligned and every size a multiple of VEC: one misaligned tensor or size in any row gives
-    the scalar path. Adam's step column (scalars, read one value each) does not count."""
+    the scalar path. The columns of scalars (Adam's steps, the ring counts; one value read
+    each) do not count."""
     import numpy as np
     import triton.language as tl
 
     f32, bf16 = tl.float32, tl.bfloat16
     adam = dict(P_DT=f32, G_DT=f32, M_DT=f32, V_DT=f32, VMAX_DT=f32, STEP_DT=f32, S_DT=f32, ACC=f32)
     sgd = dict(P_DT=f32, G_DT=f32, BUF_DT=f32, S_DT=f32, ACC=f32)
-    for constexprs, step_column in ((adam, 6), (sgd, None)):
+
+    def aligned_table(scalars: tuple[int, ...]) -> np.ndarray:
         table = np.zeros((3, 11), dtype=np.int64)
         table[:, 0] = (16, 4, 4096)
         table[:, 1:] = np.left_shift(1, 20 + np.arange(30)).reshape(3, 10)  # distinct, 16-byte aligned
-        if step_column is not None:
-            table[:, step_column] = 0x1004  # a view into a stack of steps
+        table[:, list(scalars)] = 0x1004  # views into a stack of steps, or the count buffer
+        return table
+
+    for constexprs, scalars, absent in ((adam, (6, 7), 5), (sgd, (4,), 3)):
+        table = aligned_table(scalars)
         assert triton_step._vector_width(table, constexprs) == 4
         for column in range(1, 11):
             misaligned = table.copy()
             misaligned[1, column] += 4
-            expected = 4 if column == step_column else 1
+            expected = 4 if column in scalars else 1
             assert triton_step._vector_width(misaligned, constexprs) == expected, column
         odd = table.copy()
         odd[2, 0] = 4098
         assert triton_step._vector_width(odd, constexprs) == 1
-        table[:, 4] = 0  # an absent tensor (AMSGRAD off, no momentum)
+        table[:, absent] = 0  # an absent tensor (AMSGRAD off, no momentum)
         assert triton_step._vector_width(table, constexprs) == 4
     bf16_slots = dict(adam, S_DT=bf16)
-    table[:, 6] = 0x1000
+    table = aligned_table((6, 7))
     assert triton_step._vector_width(table, bf16_slots) == 1  # a size of 4: 8 bf16 make 16 bytes
     table[:, 0] = (16, 8, 4096)
     assert triton_step._vector_width(table, bf16_slots) == 8
@@ -473,6 +478,39 @@ def test_planned_step_vectorizes_only_aligned_launches(kind: str, misaligned: st
     for fused, eager in zip(*runs):
         rtol, atol = TOLERANCES[torch.float32]
         torch.testing.assert_close(fused, eager, rtol=rtol, atol=atol)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("kind", ["adam", "sgd"])
+def test_warm_up_and_full_histories_share_one_launch(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernel reads the ring from the counts (issue 18, item 2): a step over full histories
+    and one still warming up (a parameter that joined late) is one launch, on the full step and
+    the planned ones alike, with no warm-up flag among its constexprs; it matches foreach=True."""
+    from waveguard_optim import WaveAdam, WaveSGD
+
+    # SGD without momentum: a late parameter's first momentum step is a variant of its own (FIRST).
+    cls, options = (WaveAdam, dict(lr=0.01, amsgrad=True)) if kind == "adam" else (WaveSGD, dict(lr=0.05, weight_decay=0.1))
+    launches: list[dict[str, Any]] = []
+    launch = triton_step._launch
+    torch.manual_seed(0)
+    start = [torch.randn(16, 8), torch.randn(8)]
+    runs = []
+    for fused in (True, False):
+        params = [torch.nn.Parameter(t.clone()) for t in start]
+        opt = cls(params, buffer_size=4, **options, **(dict(fused=True) if fused else dict(foreach=True)))
+        generator = torch.Generator().manual_seed(1)
+        with monkeypatch.context() as patch:
+            if fused:
+                patch.setattr(triton_step, "_launch", lambda *a: launches.append(a[-1]) or launch(*a))
+            for step in range(8):
+                for i, p in enumerate(params):
+                    p.grad = torch.randn(p.shape, generator=generator) if i == 0 or step >= 5 else None
+                opt.step()
+        runs.append(params)
+    assert len(launches) == 8 and not any("FULL" in constexprs for constexprs in launches)
+    assert len({tuple(sorted(map(str, c.items()))) for c in launches}) == 1  # one compiled variant
+    for fused, eager in zip(*runs):
+        torch.testing.assert_close(fused, eager, rtol=2e-6, atol=2e-6)
 
 
 @needs_interpreter

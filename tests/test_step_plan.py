@@ -157,6 +157,29 @@ def test_counts_written_in_place_are_read_by_the_next_planned_step(kind: str, fu
     assert len(full_steps) == 1
 
 
+@pytest.mark.parametrize("kind", ["adam", "sgd"])
+def test_the_device_copy_of_the_counts_follows_them(kind: str, path: str, full_steps: list[int], monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a GPU the Triton kernel reads the ring from a device copy of the counts, kept in the
+    plan, advanced with them, uploaded again when they were written in place. Forced here on
+    the CPU (the interpreter reads the copy as it would the counts): planned steps still equal
+    the eager optimizer's, before and after counts restored in place."""
+    if path != "triton":
+        pytest.skip("the device copy of the counts is the Triton path's")
+    from waveguard_optim.kernels import triton_step
+
+    monkeypatch.setattr(triton_step, "_reads_host_counts", lambda device: False)
+    pair = _Pair(kind)
+    pair.step(N + 2)
+    plan = pair.plan()
+    assert plan.cache["device counts"][1].data_ptr() != plan.count_buffer.data_ptr()
+    for params, opt in ((pair.p, pair.fused), (pair.q, pair.eager)):
+        for i, p in enumerate(params):
+            opt.state[p]["wave_count"].fill_(i + 1)
+    pair.step(N + 1)
+    assert len(full_steps) == 1 and pair.plan() is plan
+    assert plan.cache["device counts"][1].tolist() == plan.count_buffer.tolist()
+
+
 def _replace_p_data(pair: _Pair) -> Any:
     backing = []
     for params in (pair.p, pair.q):
