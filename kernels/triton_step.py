@@ -51,7 +51,7 @@ import math
 import operator
 import os
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -562,7 +562,8 @@ class _Launch:
         self.numels.append(numel)
 
     def run(self, kernel: Any, hyper: Tensor, scale: Tensor | None, buffer_size: int, **constexprs: Any) -> None:
-        _launch(kernel, lambda: np.array(self.rows, dtype=np.int64), tuple(self.numels), self.device, hyper, scale, buffer_size, constexprs)
+        rows = lambda: _uploaded(np.array(self.rows, dtype=np.int64), self.device)  # noqa: E731 (built only if there is work)
+        _launch(kernel, rows, tuple(self.numels), self.device, hyper, scale, buffer_size, constexprs)
         for t, copy in self.write_back:
             t.copy_(copy)
         torch.autograd.graph.increment_version(self.written)  # as in-place torch ops would
@@ -586,15 +587,27 @@ def _vector_width(table: np.ndarray, constexprs: dict[str, Any]) -> int:
     return vec if aligned else 1
 
 
+def _uploaded(host: np.ndarray, device: torch.device) -> tuple[np.ndarray, Tensor]:
+    """A table, and its copy on the device (the table itself on the CPU)."""
+    return host, _to_device(torch.from_numpy(host), device)
+
+
 def _launch(
-    kernel: Any, table: Any, numels: tuple[int, ...], device: torch.device, hyper: Tensor, scale: Tensor | None, buffer_size: int, constexprs: dict[str, Any]
+    kernel: Any,
+    table: Callable[[], tuple[np.ndarray, Tensor]],
+    numels: tuple[int, ...],
+    device: torch.device,
+    hyper: Tensor,
+    scale: Tensor | None,
+    buffer_size: int,
+    constexprs: dict[str, Any],
 ) -> None:
-    """One launch over the rows of ``table()`` (an int64 numpy array, made only if there is work)."""
+    """One launch over the rows of ``table()`` (an int64 array and its copy on the device, made
+    only if there is work)."""
     block, num_warps = _launch_config(buffer_size, constexprs["ACC"] == tl.float64)
     blocks = _blocks(numels, block, device)
     if blocks.shape[0]:
-        host = table()
-        rows = _to_device(torch.from_numpy(host), device)
+        host, rows = table()
         kernel[(blocks.shape[0],)](
             rows,
             blocks,
@@ -680,9 +693,13 @@ def _hyper(values: Sequence[float | Tensor], device: torch.device) -> Tensor:
     hyper = _to_device(
         torch.tensor([0.0 if isinstance(v, Tensor) else float(v) for v in values], dtype=torch.float64), device
     )
+    return _with_tensor_values(hyper, values)
+
+
+def _with_tensor_values(hyper: Tensor, values: Sequence[float | Tensor]) -> Tensor:
     for k, v in enumerate(values):
         if isinstance(v, Tensor):
-            hyper[k] = v.detach().to(device=device, dtype=torch.float64).reshape(())
+            hyper[k] = v.detach().to(device=hyper.device, dtype=torch.float64).reshape(())
     return hyper
 
 
@@ -952,15 +969,35 @@ def _advance(plan: StepPlan) -> None:
     plan.advance()
 
 
+def _planned_hyper(plan: StepPlan, values: Sequence[float | Tensor]) -> Tensor:
+    """:func:`_hyper` of a planned step, kept on the device in the plan while its float values
+    stay (tensor values are copied in on the device): no host-to-device copy per step."""
+    key = tuple(None if isinstance(v, Tensor) else float(v) for v in values)
+    held = plan.cache.get("hyper")
+    if held is None or held[0] != key:
+        held = plan.cache["hyper"] = (key, _hyper(values, plan.device))
+        return held[1]
+    return _with_tensor_values(held[1], values)
+
+
+def _planned_table(plan: StepPlan, fixed: list[np.ndarray]) -> tuple[np.ndarray, Tensor]:
+    """The table of a planned step (numel, p, the gradients ``confirm`` accepted, ``fixed``
+    columns, the counts, the slots in ring order), and its copy on the device, kept in the plan
+    and copied again only when an address changed (the gradients', or steps copied each step)."""
+    columns = [plan.sizes, plan.fixed_ptrs[:, 0], plan.grad_ptrs, *fixed, _kernel_counts(plan)]
+    host = np.concatenate([np.stack(columns, axis=1), plan.slot_ptrs], axis=1)
+    held = plan.cache.get("table")
+    if held is None or not np.array_equal(held[0], host):
+        held = plan.cache["table"] = _uploaded(host, plan.device)
+    return held
+
+
 def _planned_launch(
     plan: StepPlan, fixed: list[np.ndarray], kernel: Any, hyper: Tensor, scale: Tensor | None, filter_options: tuple[float, float, bool], **constexprs: Any
 ) -> None:
-    """The table of a planned step (numel, p, the gradients ``confirm`` accepted, ``fixed``
-    columns, the counts, the slots in ring order) and its one launch, warm-up and full rows alike."""
-    columns = [plan.sizes, plan.fixed_ptrs[:, 0], plan.grad_ptrs, *fixed, _kernel_counts(plan)]
-    table = np.concatenate([np.stack(columns, axis=1), plan.slot_ptrs], axis=1)
+    """A planned step's one launch, warm-up and full rows alike, then the counts advance."""
     n = plan.buffer_size
-    _launch(kernel, lambda: table, plan.numels, plan.device, hyper, scale, n, constexprs | _filter_constexprs(n, *filter_options))
+    _launch(kernel, lambda: _planned_table(plan, fixed), plan.numels, plan.device, hyper, scale, n, constexprs | _filter_constexprs(n, *filter_options))
     _advance(plan)
 
 
@@ -993,7 +1030,7 @@ def planned_wave_adam_(
     if not _plannable(plan, 3 if amsgrad else 2) or len(step_dtypes) != 1 or next(iter(step_dtypes)) not in _TL_DTYPES:
         return False
     device = plan.device
-    hyper = _hyper([lr, beta1, beta2, eps, weight_decay], device)
+    hyper = _planned_hyper(plan, [lr, beta1, beta2, eps, weight_decay])
     scale = _scale(grad_scale, device)
     torch._foreach_add_(state_steps, 1)  # as torch's fused Adam; everything is validated
     if set(map(Tensor.get_device, state_steps)) == {plan.device_index}:  # torch's fused Adam keeps them there
@@ -1034,7 +1071,7 @@ def planned_wave_sgd_(
     if not _plannable(plan, 1 if has_momentum else 0):
         return False
     device = plan.device
-    hyper = _hyper([lr, momentum, dampening, weight_decay], device)
+    hyper = _planned_hyper(plan, [lr, momentum, dampening, weight_decay])
     buffers = plan.fixed_ptrs[:, 1] if has_momentum else np.zeros(plan.rows, dtype=np.int64)
     dt, acc = _TL_DTYPES[plan.dtype], tl.float64 if compute_dtype(plan.dtype) == torch.float64 else tl.float32
     _planned_launch(

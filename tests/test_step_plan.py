@@ -119,6 +119,21 @@ def test_planned_steps_match_the_eager_optimizer(kind: str, full_steps: list[int
 
 
 @pytest.mark.parametrize("kind", ["adam", "sgd"])
+def test_a_tensor_lr_edited_in_place_is_read_each_planned_step(kind: str, full_steps: list[int]) -> None:
+    """A tensor ``lr`` (what an LR scheduler may hold) changed in place between planned steps:
+    each step uses its value then (the Triton plan keeps its hyperparameters on the device and
+    copies tensor ones in each step)."""
+    pair = _Pair(kind)
+    for opt in (pair.fused, pair.eager):
+        opt.param_groups[0]["lr"] = torch.tensor(0.02)
+    for scale in (1.0, 0.5, 0.25):
+        for opt in (pair.fused, pair.eager):
+            opt.param_groups[0]["lr"].fill_(0.02 * scale)
+        pair.step(2)
+    assert len(full_steps) == 1
+
+
+@pytest.mark.parametrize("kind", ["adam", "sgd"])
 def test_parameters_without_a_gradient_are_skipped_planned_too(kind: str, full_steps: list[int]) -> None:
     """As torch's ``_init_group``, a parameter whose grad is None is skipped: the plan is of those
     with a gradient, and when that set changes one full step rebuilds it."""
