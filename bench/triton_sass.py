@@ -31,8 +31,8 @@ from triton.compiler import ASTSource
 from waveguard_optim.kernels import triton_step as ts
 
 F32, BF16, F64 = tl.float32, tl.bfloat16, tl.float64
-ADAM = dict(HAS_SCALE=True, MAXIMIZE=True, HAS_WD=True, DECOUPLED=False, AMSGRAD=True)
-SGD = dict(HAS_SCALE=True, MAXIMIZE=False, HAS_WD=True, MOMENTUM=True, FIRST=False, NESTEROV=True)
+ADAM = dict(HAS_SCALE=True, HAS_INF=True, MAXIMIZE=True, HAS_WD=True, DECOUPLED=False, AMSGRAD=True)
+SGD = dict(HAS_SCALE=True, HAS_INF=True, MAXIMIZE=False, HAS_WD=True, MOMENTUM=True, FIRST=False, NESTEROV=True)
 SGD_F32 = dict(P_DT=F32, G_DT=F32, BUF_DT=F32, S_DT=F32)
 
 
@@ -70,7 +70,7 @@ def inspect(kernel: Any, dtypes: dict[str, Any], n: int, acc: Any, arch: int, fl
         dtypes, C=(ts._ADAM_FIXED if kernel is ts._wave_adam_kernel else ts._SGD_FIXED) + n, ACC=acc, BLOCK=ts._launch_config(n, acc == F64)[0],
         VEC=vec, **flags, **ts._filter_constexprs(n, decay, 1.0, True),
     )  # fmt: skip
-    signature = dict(table="*i64", blocks="*i32", hyper="*fp64", scale_ptr="*fp32", **{k: "constexpr" for k in const})
+    signature = dict(table="*i64", blocks="*i32", hyper="*fp64", scale_ptr="*fp32", inf_ptr="*fp32", **{k: "constexpr" for k in const})
     compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=const), target=GPUTarget("cuda", arch, 32))
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "kernel.cubin")

@@ -61,7 +61,7 @@ from waveguard_optim._warnings import warn
 from waveguard_optim.filter import compute_dtype, filter_weights, fold_filter, threshold_scale_factor
 from waveguard_optim.kernels import cpu_c
 from waveguard_optim.kernels._checks import check_state_dtypes, check_step_memory, check_steps
-from waveguard_optim.kernels.plan import StepPlan, make_plan
+from waveguard_optim.kernels.plan import StepPlan, make_plan, step_skipped
 
 __all__ = ["fused_wave_adam_", "fused_wave_sgd_", "cpu_fused_available", "make_plan", "planned_wave_adam_", "planned_wave_sgd_"]
 
@@ -863,12 +863,14 @@ def planned_wave_adam_(
     maximize: bool,
     decoupled_weight_decay: bool,
     grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
     backend: str | None = None,
     strict: bool = False,
 ) -> bool:
     """:func:`fused_wave_adam_` on a confirmed plan (``plan.confirm`` returned True for this step's
     grads): records, filters, updates and advances the ring counts. False, with nothing changed,
-    where the planned step does not apply (then take the full step)."""
+    where the planned step does not apply (then take the full step); True with nothing changed
+    where GradScaler's ``found_inf`` skips the step."""
     scale = None if grad_scale is None else _to_float(grad_scale)
     if plan.fixed_ptrs.shape[1] != (4 if amsgrad else 3):
         return False
@@ -876,6 +878,8 @@ def planned_wave_adam_(
     kernel = _planned_kernel(plan, "adam", switches, scale, decay, threshold_scale, backend, strict)
     if kernel is None:
         return False
+    if step_skipped(found_inf):
+        return True
     ptrs, full = _planned_ptrs(plan)
     constants = _filter_constants(plan.buffer_size, decay, threshold_scale)
     scalars = _adam_c_scalars(scale, maximize, constants, plan.dtype, hyper, b2, eps, wd)
@@ -900,6 +904,7 @@ def planned_wave_sgd_(
     nesterov: bool,
     maximize: bool,
     grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
     backend: str | None = None,
     strict: bool = False,
 ) -> bool:
@@ -913,6 +918,8 @@ def planned_wave_sgd_(
     kernel = _planned_kernel(plan, "sgd", switches, scale, decay, threshold_scale, backend, strict)
     if kernel is None:
         return False
+    if step_skipped(found_inf):
+        return True
     ptrs, full = _planned_ptrs(plan)
     constants = _filter_constants(plan.buffer_size, decay, threshold_scale)
     scalars = _sgd_c_scalars(scale, maximize, constants, plan.dtype, lr_, wd, mom, damp)

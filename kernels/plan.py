@@ -76,7 +76,8 @@ class StepPlan:
         self.slots = [t for h in held for t in h[first_slot:-1]]  # row by row, in storage order
         self.first_slots = np.arange(rows) * n  # row i's slot 0 in self.slots
         self.count_buffer = held[0][-1]._base  # make_plan made the counts its views, in order
-        self.count_values = self.count_buffer.numpy()  # a view: what the counts hold now
+        # What CPU counts hold now (a view); None for counts on a device, which the host never reads.
+        self.count_values = self.count_buffer.numpy() if self.count_buffer.is_cpu else None
         self.slot_dtype = held[0][first_slot].dtype
         self.nbytes = _ints(map(_NBYTES, self.tensors), count)
         spans = np.sort(np.stack([self.ptrs, self.ptrs + self.nbytes], 1), axis=0)
@@ -118,7 +119,8 @@ class StepPlan:
         return not hit.any()
 
     def ring(self) -> tuple[np.ndarray, np.ndarray]:
-        """This step's slot addresses, oldest first (newest last), and whether each history is full."""
+        """This step's slot addresses, oldest first (newest last), and whether each history is
+        full, from counts on the CPU (a back end that decides the ring on the host)."""
         n = self.buffer_size
         start = (self.count_values + 1) % n  # as history.time_ordered after the count advanced
         order = (start[:, None] + np.arange(n)) % n
@@ -126,22 +128,36 @@ class StepPlan:
 
     def advance(self) -> None:
         """Tell autograd about what the kernel wrote through raw pointers (p, its state, the
-        newest slots), as in-place torch ops would, and count the recorded gradient: one add to
-        the group's count buffer."""
-        newest = operator.itemgetter(*(self.first_slots + self.count_values % self.buffer_size).tolist())(self.slots)
-        torch.autograd.graph.increment_version([*self.fixed_written, *(newest if self.rows > 1 else (newest,))])
+        newest slots; every slot where the counts are on a device, not read here), as in-place
+        torch ops would, and count the recorded gradient: one add to the group's count buffer."""
+        if self.count_values is None:
+            written = self.slots
+        else:
+            newest = operator.itemgetter(*(self.first_slots + self.count_values % self.buffer_size).tolist())(self.slots)
+            written = newest if self.rows > 1 else (newest,)
+        torch.autograd.graph.increment_version([*self.fixed_written, *written])
         self.count_buffer.add_(1)
+
+
+def step_skipped(found_inf: Tensor | None) -> bool:
+    """Whether GradScaler's ``found_inf`` says to skip this step, read on the host (a device sync
+    for a GPU tensor: what a kernel that consumes ``found_inf`` itself avoids)."""
+    return found_inf is not None and bool(found_inf.item())
 
 
 def make_plan(params: list[Tensor], states: list[dict[str, Any]], columns: Sequence[str], step: str | None, buffer_size: int) -> StepPlan | None:
     """A :class:`StepPlan` of tensors a full step has just accepted, where a planned step can
     address them all directly in one table: real tensors on one device, contiguous, the state
     of the parameters' dtype, the slots of one dtype; counts as ``history`` keeps them (0-dim
-    int64 CPU tensors). Else None: copies, mixed dtypes and layouts stay with the full step."""
+    int64 tensors, all on the CPU or all on the parameters' device). Else None: copies, mixed
+    dtypes and layouts stay with the full step."""
     if not params or params[0].is_complex():
         return None
     counts = [state.get(COUNT_KEY) for state in states]
-    if not all(isinstance(c, Tensor) and c.is_cpu and c.dtype == torch.int64 and c.dim() == 0 for c in counts):
+    where = {params[0].device, torch.device("cpu")}
+    if not all(isinstance(c, Tensor) and c.device in where and c.dtype == torch.int64 and c.dim() == 0 for c in counts):
+        return None
+    if len({c.device for c in counts}) != 1:
         return None
     _share_one_buffer(states, counts)
     try:
@@ -161,7 +177,7 @@ def make_plan(params: list[Tensor], states: list[dict[str, Any]], columns: Seque
 
 def _share_one_buffer(states: list[dict[str, Any]], counts: list[Tensor]) -> None:
     """Make the group's ``wave_count`` tensors views of one int64 buffer, in order (the same
-    values; still 0-dim int64 CPU tensors, in checkpoints too), so that a planned step advances
+    values, on the same device; still 0-dim int64 tensors, in checkpoints too), so that a planned step advances
     them all with one add. Counts that already are such views (a plan rebuilt) stay as they are."""
     base = counts[0]._base
     if base is not None and base.shape == (len(counts),) and base.is_contiguous():

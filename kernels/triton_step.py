@@ -60,7 +60,7 @@ from torch import Tensor
 
 from waveguard_optim.filter import compute_dtype, filter_weights, median_network, threshold_scale_factor
 from waveguard_optim.kernels._checks import check_state_dtypes, check_step_memory, check_steps
-from waveguard_optim.kernels.plan import StepPlan, make_plan
+from waveguard_optim.kernels.plan import StepPlan, make_plan, step_skipped
 
 try:
     import triton
@@ -221,6 +221,14 @@ if triton is not None:
         return g, scale, older, full, _column(row, FIXED + (count & (N - 1)), offs, S_DT, VEC)
 
     @triton.jit
+    def _store_mask(offs, size, mask, inf_ptr, HAS_INF: tl.constexpr, VEC: tl.constexpr):
+        """Where the kernel stores: ``mask``, or nothing at all where GradScaler's ``found_inf``
+        (read on the device) is nonzero, so a skipped step records and updates nothing."""
+        if HAS_INF:
+            return offs < tl.multiple_of(tl.where(tl.load(inf_ptr) != 0, 0, size), VEC)
+        return mask
+
+    @triton.jit
     def _denoised_gradient(
         g,
         scale,
@@ -267,6 +275,7 @@ if triton is not None:
         blocks,
         hyper,
         scale_ptr,
+        inf_ptr,
         C: tl.constexpr,
         P_DT: tl.constexpr,
         G_DT: tl.constexpr,
@@ -285,6 +294,7 @@ if triton is not None:
         TSCALE: tl.constexpr,
         SNR_GATE: tl.constexpr,
         HAS_SCALE: tl.constexpr,
+        HAS_INF: tl.constexpr,
         MAXIMIZE: tl.constexpr,
         HAS_WD: tl.constexpr,
         DECOUPLED: tl.constexpr,
@@ -296,6 +306,7 @@ if triton is not None:
         offs = chunk * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
         size = tl.multiple_of(tl.load(row), VEC)  # VEC divides every size of the launch
         mask = offs < size
+        stored = _store_mask(offs, size, mask, inf_ptr, HAS_INF, VEC)
 
         # Loads. hyper = [lr, beta1, beta2, eps, weight_decay] in float64.
         g, scale, older, full, newest_ptr = _load_gradient(row, offs, size, scale_ptr, C, _ADAM_FIXED_C, G_DT, S_DT, ACC, HAS_SCALE, VEC)
@@ -347,12 +358,12 @@ if triton is not None:
             p = p + neg_step_size * m / denom
 
         # Stores.
-        tl.store(newest_ptr, newest, mask=mask)
-        tl.store(m_ptr, m.to(M_DT), mask=mask)
-        tl.store(v_ptr, v.to(V_DT), mask=mask)
+        tl.store(newest_ptr, newest, mask=stored)
+        tl.store(m_ptr, m.to(M_DT), mask=stored)
+        tl.store(v_ptr, v.to(V_DT), mask=stored)
         if AMSGRAD:
-            tl.store(vmax_ptr, vmax.to(VMAX_DT), mask=mask)
-        tl.store(p_ptr, p.to(P_DT), mask=mask)
+            tl.store(vmax_ptr, vmax.to(VMAX_DT), mask=stored)
+        tl.store(p_ptr, p.to(P_DT), mask=stored)
 
     @triton.jit
     def _wave_sgd_kernel(
@@ -360,6 +371,7 @@ if triton is not None:
         blocks,
         hyper,
         scale_ptr,
+        inf_ptr,
         C: tl.constexpr,
         P_DT: tl.constexpr,
         G_DT: tl.constexpr,
@@ -375,6 +387,7 @@ if triton is not None:
         TSCALE: tl.constexpr,
         SNR_GATE: tl.constexpr,
         HAS_SCALE: tl.constexpr,
+        HAS_INF: tl.constexpr,
         MAXIMIZE: tl.constexpr,
         HAS_WD: tl.constexpr,
         MOMENTUM: tl.constexpr,
@@ -387,6 +400,7 @@ if triton is not None:
         offs = chunk * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
         size = tl.multiple_of(tl.load(row), VEC)  # VEC divides every size of the launch
         mask = offs < size
+        stored = _store_mask(offs, size, mask, inf_ptr, HAS_INF, VEC)
 
         # Loads. hyper = [lr, momentum, dampening, weight_decay] in float64.
         g, scale, older, full, newest_ptr = _load_gradient(row, offs, size, scale_ptr, C, _SGD_FIXED_C, G_DT, S_DT, ACC, HAS_SCALE, VEC)
@@ -416,10 +430,10 @@ if triton is not None:
         p = p + (-lr).to(ACC) * d_p  # param.add_(d_p, alpha=-lr)
 
         # Stores.
-        tl.store(newest_ptr, newest, mask=mask)
+        tl.store(newest_ptr, newest, mask=stored)
         if MOMENTUM:
-            tl.store(buf_ptr, buf.to(BUF_DT), mask=mask)
-        tl.store(p_ptr, p.to(P_DT), mask=mask)
+            tl.store(buf_ptr, buf.to(BUF_DT), mask=stored)
+        tl.store(p_ptr, p.to(P_DT), mask=stored)
 
     _TL_DTYPES = {
         torch.float32: tl.float32,
@@ -601,9 +615,10 @@ def _launch(
     scale: Tensor | None,
     buffer_size: int,
     constexprs: dict[str, Any],
+    found_inf: Tensor | None = None,
 ) -> None:
     """One launch over the rows of ``table()`` (an int64 array and its copy on the device, made
-    only if there is work)."""
+    only if there is work); with ``found_inf`` (on the device) it stores nothing where that is nonzero."""
     block, num_warps = _launch_config(buffer_size, constexprs["ACC"] == tl.float64)
     blocks = _blocks(numels, block, device)
     if blocks.shape[0]:
@@ -613,10 +628,12 @@ def _launch(
             blocks,
             hyper,
             hyper if scale is None else scale,
+            hyper if found_inf is None else found_inf,
             C=rows.shape[1],
             BLOCK=block,
             VEC=_vector_width(host, constexprs),
             HAS_SCALE=scale is not None,
+            HAS_INF=found_inf is not None,
             num_warps=num_warps,
             **constexprs,
         )
@@ -940,17 +957,19 @@ def fused_wave_sgd_(
 # --- planned steps: a param group's operands validated once (kernels/plan.py) ----------------
 
 
-def _reads_host_counts(device: torch.device) -> bool:
-    """Whether a kernel on ``device`` reads the plan's counts (CPU tensors) where they are: the
-    interpreter does; a GPU reads a device copy of them."""
-    return device.type == "cpu"
+def _reads_counts_in_place(plan: StepPlan) -> bool:
+    """Whether the kernel reads the plan's counts where they are: on its device (``fused=True``
+    or ``capturable=True``), or on the CPU under the interpreter. Else (CPU counts, a GPU
+    kernel) it reads a device copy of them."""
+    return plan.count_buffer.device == plan.device or plan.device.type == "cpu"
 
 
 def _kernel_counts(plan: StepPlan) -> np.ndarray:
-    """Where the kernel reads the group's ring counts: the counts themselves, or a device copy of
+    """Where the kernel reads the group's ring counts: the counts themselves (on the device, or
+    on the CPU for the interpreter), or a device copy of
     the count buffer kept in the plan (advanced with it by :func:`_advance`) and uploaded again
     when the counts differ from it (restored in place, as ``torch.distributed.checkpoint`` does)."""
-    if _reads_host_counts(plan.device):
+    if _reads_counts_in_place(plan):
         return plan.count_ptrs
     copy = plan.cache.get("device counts")
     if copy is None or not np.array_equal(copy[0], plan.count_values):
@@ -992,13 +1011,32 @@ def _planned_table(plan: StepPlan, fixed: list[np.ndarray]) -> tuple[np.ndarray,
     return held
 
 
+def _found_inf_on_device(plan: StepPlan, found_inf: Tensor | None, steps_here: bool) -> Tensor | None:
+    """GradScaler's ``found_inf`` for the kernel to read, where the whole skip can happen on the
+    device: the counts (and Adam's steps: ``steps_here``) are there. None without one."""
+    if found_inf is None or plan.count_buffer.device != plan.device or not steps_here:
+        return None
+    return found_inf.detach().to(device=plan.device).reshape(())
+
+
 def _planned_launch(
-    plan: StepPlan, fixed: list[np.ndarray], kernel: Any, hyper: Tensor, scale: Tensor | None, filter_options: tuple[float, float, bool], **constexprs: Any
+    plan: StepPlan,
+    fixed: list[np.ndarray],
+    kernel: Any,
+    hyper: Tensor,
+    scale: Tensor | None,
+    found_inf: Tensor | None,
+    filter_options: tuple[float, float, bool],
+    **constexprs: Any,
 ) -> None:
-    """A planned step's one launch, warm-up and full rows alike, then the counts advance."""
+    """A planned step's one launch, warm-up and full rows alike, then the counts advance (and go
+    back where ``found_inf``, on the device, says the step was skipped)."""
     n = plan.buffer_size
-    _launch(kernel, lambda: _planned_table(plan, fixed), plan.numels, plan.device, hyper, scale, n, constexprs | _filter_constexprs(n, *filter_options))
+    options = constexprs | _filter_constexprs(n, *filter_options)
+    _launch(kernel, lambda: _planned_table(plan, fixed), plan.numels, plan.device, hyper, scale, n, options, found_inf)
     _advance(plan)
+    if found_inf is not None:
+        plan.count_buffer.sub_(found_inf.to(torch.int64))
 
 
 def _plannable(plan: StepPlan, columns: int) -> bool:
@@ -1022,18 +1060,26 @@ def planned_wave_adam_(
     maximize: bool,
     decoupled_weight_decay: bool,
     grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
     strict: bool = False,
 ) -> bool:
     """:func:`fused_wave_adam_` on a confirmed plan (``plan.confirm`` returned True for this step's
-    grads); also advances the ring counts. False, with nothing changed, where it does not apply."""
+    grads); also advances the ring counts. False, with nothing changed, where it does not apply.
+    GradScaler's ``found_inf`` skips the step as torch's fused Adam does, on the device (the
+    kernel stores nothing, steps and counts go back) where the steps and counts are there
+    (``fused=True`` or ``capturable=True``); else it is read on the host."""
     step_dtypes = set(map(_DTYPE_OF, state_steps))
     if not _plannable(plan, 3 if amsgrad else 2) or len(step_dtypes) != 1 or next(iter(step_dtypes)) not in _TL_DTYPES:
         return False
     device = plan.device
+    steps_here = set(map(Tensor.get_device, state_steps)) == {plan.device_index}  # torch's fused Adam keeps them there
+    inf = _found_inf_on_device(plan, found_inf, steps_here)
+    if inf is None and step_skipped(found_inf):
+        return True
     hyper = _planned_hyper(plan, [lr, beta1, beta2, eps, weight_decay])
     scale = _scale(grad_scale, device)
     torch._foreach_add_(state_steps, 1)  # as torch's fused Adam; everything is validated
-    if set(map(Tensor.get_device, state_steps)) == {plan.device_index}:  # torch's fused Adam keeps them there
+    if steps_here:
         step_ptrs = plan.step_ptrs
     else:  # copies, alive until the launch is queued (their memory must not be reused before it)
         copies = _steps_on(state_steps, device)
@@ -1042,10 +1088,12 @@ def planned_wave_adam_(
     vmax = columns[:, 2] if amsgrad else np.zeros(plan.rows, dtype=np.int64)
     dt, acc = _TL_DTYPES[plan.dtype], tl.float64 if compute_dtype(plan.dtype) == torch.float64 else tl.float32
     _planned_launch(
-        plan, [columns[:, 0], columns[:, 1], vmax, step_ptrs], _wave_adam_kernel, hyper, scale, (decay, threshold_scale, snr_gate),
+        plan, [columns[:, 0], columns[:, 1], vmax, step_ptrs], _wave_adam_kernel, hyper, scale, inf, (decay, threshold_scale, snr_gate),
         P_DT=dt, G_DT=dt, M_DT=dt, V_DT=dt, VMAX_DT=dt, STEP_DT=_TL_DTYPES[next(iter(step_dtypes))], S_DT=_TL_DTYPES[plan.slot_dtype],
         ACC=acc, MAXIMIZE=bool(maximize), HAS_WD=_nonzero(weight_decay), DECOUPLED=bool(decoupled_weight_decay), AMSGRAD=bool(amsgrad),
     )  # fmt: skip
+    if inf is not None:  # as torch's fused Adam: a skipped step is not counted
+        torch._foreach_sub_(state_steps, [inf] * len(state_steps))
     return True
 
 
@@ -1063,6 +1111,7 @@ def planned_wave_sgd_(
     nesterov: bool,
     maximize: bool,
     grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
     strict: bool = False,
 ) -> bool:
     """:func:`fused_wave_sgd_` on a confirmed plan whose momentum buffers all exist; as
@@ -1070,12 +1119,15 @@ def planned_wave_sgd_(
     has_momentum = _nonzero(momentum)
     if not _plannable(plan, 1 if has_momentum else 0):
         return False
+    inf = _found_inf_on_device(plan, found_inf, True)
+    if inf is None and step_skipped(found_inf):
+        return True
     device = plan.device
     hyper = _planned_hyper(plan, [lr, momentum, dampening, weight_decay])
     buffers = plan.fixed_ptrs[:, 1] if has_momentum else np.zeros(plan.rows, dtype=np.int64)
     dt, acc = _TL_DTYPES[plan.dtype], tl.float64 if compute_dtype(plan.dtype) == torch.float64 else tl.float32
     _planned_launch(
-        plan, [buffers], _wave_sgd_kernel, hyper, _scale(grad_scale, device), (decay, threshold_scale, snr_gate),
+        plan, [buffers], _wave_sgd_kernel, hyper, _scale(grad_scale, device), inf, (decay, threshold_scale, snr_gate),
         P_DT=dt, G_DT=dt, BUF_DT=dt, S_DT=_TL_DTYPES[plan.slot_dtype], ACC=acc, MAXIMIZE=bool(maximize),
         HAS_WD=_nonzero(weight_decay), MOMENTUM=has_momentum, FIRST=False, NESTEROV=bool(nesterov),
     )  # fmt: skip

@@ -501,7 +501,7 @@ def test_warm_up_and_full_histories_share_one_launch(kind: str, monkeypatch: pyt
         generator = torch.Generator().manual_seed(1)
         with monkeypatch.context() as patch:
             if fused:
-                patch.setattr(triton_step, "_launch", lambda *a: launches.append(a[-1]) or launch(*a))
+                patch.setattr(triton_step, "_launch", lambda *a: launches.append(a[7]) or launch(*a))  # a[7]: constexprs
             for step in range(8):
                 for i, p in enumerate(params):
                     p.grad = torch.randn(p.shape, generator=generator) if i == 0 or step >= 5 else None
@@ -511,6 +511,49 @@ def test_warm_up_and_full_histories_share_one_launch(kind: str, monkeypatch: pyt
     assert len({tuple(sorted(map(str, c.items()))) for c in launches}) == 1  # one compiled variant
     for fused, eager in zip(*runs):
         torch.testing.assert_close(fused, eager, rtol=2e-6, atol=2e-6)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("kind", ["adam", "sgd"])
+def test_grad_scaler_skips_on_the_device(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """GradScaler with fused=True (issue 18, item 3): a planned step hands ``found_inf`` to the
+    kernel, which stores nothing where it is set; steps and counts go back on the device. The host
+    reads found_inf only for the first (full) step: no sync per step on a GPU. The result equals
+    foreach=True stepped on the unscaled gradients without the skipped step."""
+    from waveguard_optim import WaveAdam, WaveSGD
+    from waveguard_optim import base
+
+    cls, options = (WaveAdam, dict(lr=0.01, amsgrad=True)) if kind == "adam" else (WaveSGD, dict(lr=0.05, momentum=0.9))
+    reads: list[bool] = []
+    for module in (base, triton_step):
+        read = module.step_skipped
+        monkeypatch.setattr(module, "step_skipped", lambda found_inf, _r=read: (found_inf is None or reads.append(True)) and _r(found_inf))
+    torch.manual_seed(0)
+    start = [torch.randn(16, 8), torch.randn(8)]
+    fused = [torch.nn.Parameter(t.clone()) for t in start]
+    eager = [torch.nn.Parameter(t.clone()) for t in start]
+    opt = cls(fused, buffer_size=4, fused=True, **options)
+    reference = cls(eager, buffer_size=4, foreach=True, **options)
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+    generator = torch.Generator().manual_seed(1)
+    for step in range(8):
+        targets = [torch.randn(t.shape, generator=generator) for t in start]
+        if step == 5:
+            targets[1][3] = float("inf")
+        opt.zero_grad()
+        scaler.scale(sum((p * t).sum() for p, t in zip(fused, targets))).backward()
+        scaler.step(opt)
+        scaler.update()
+        if step != 5:
+            for p, t in zip(eager, targets):
+                p.grad = t
+            reference.step()
+    assert reads == [True]  # the first step's, before any plan
+    for p, q in zip(fused, eager):
+        torch.testing.assert_close(p, q, rtol=2e-6, atol=2e-6)
+        assert opt.state[p]["wave_count"].item() == 7
+        for key, value in reference.state[q].items():
+            torch.testing.assert_close(opt.state[p][key], value, rtol=2e-6, atol=2e-6)
 
 
 @needs_interpreter
@@ -745,3 +788,63 @@ def test_long_trajectory_on_cuda(kind: str) -> None:
         weight_decay=0.01, cpu_steps=True, options=dict(options, lr=1e-2),
     )  # fmt: skip
     run_case(case, device="cuda", compare_every=20, tolerance_scale=10.0)
+
+
+@needs_cuda
+@pytest.mark.parametrize("scaled", [False, True], ids=["plain", "grad-scaler"])
+@pytest.mark.parametrize("kind", ["adam", "sgd"])
+def test_captured_step_replays_as_eager(kind: str, scaled: bool) -> None:
+    """A CUDA graph of ``opt.step()`` (issue 18, item 3): after two eager warm-up steps on a side
+    stream (they build the plan), one step captured and replayed on new gradients equals the
+    same optimizer stepped eagerly, replay after replay, through warm-up into full histories
+    and around the ring. With grad_scale / found_inf as GradScaler hands them, a replay with
+    found_inf set records and changes nothing. WaveAdam: fused=True, capturable=True."""
+    from waveguard_optim import WaveAdam, WaveSGD
+
+    n = 4
+    if kind == "adam":
+        cls, options = WaveAdam, dict(lr=0.01, amsgrad=True, capturable=True)
+    else:
+        cls, options = WaveSGD, dict(lr=0.05, momentum=0.9)
+    torch.manual_seed(0)
+    start = [torch.randn(64, 33, device="cuda"), torch.randn(4099, device="cuda"), torch.randn(7, device="cuda")]
+    captured = [torch.nn.Parameter(t.clone()) for t in start]
+    eager = [torch.nn.Parameter(t.clone()) for t in start]
+    opt = cls(captured, buffer_size=n, fused=True, **options)
+    twin = cls(eager, buffer_size=n, fused=True, **options)
+    scale, found = torch.tensor(4.0, device="cuda"), torch.zeros((), device="cuda")
+    if scaled:
+        opt.grad_scale, opt.found_inf = scale, found  # type: ignore[attr-defined]
+    for p in captured:
+        p.grad = torch.zeros_like(p)
+    generator = torch.Generator(device="cuda").manual_seed(1)
+
+    def step_both(run: Any, skip: bool = False) -> None:
+        grads = [torch.randn(t.shape, device="cuda", generator=generator) for t in start]
+        found.fill_(float(skip))
+        for p, g in zip(captured, grads):
+            p.grad.copy_(g * scale if scaled else g)
+        run()
+        if not skip:
+            for q, g in zip(eager, grads):
+                q.grad = g
+            twin.step()
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step_both(opt.step)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.step()
+    rtol, atol = TOLERANCES[torch.float32]
+    for replay in range(3 * n):
+        step_both(graph.replay, skip=scaled and replay == 5)
+        for p, q in zip(captured, eager):
+            torch.testing.assert_close(p, q, rtol=rtol, atol=atol)
+    for p, q in zip(captured, eager):
+        assert opt.state[p]["wave_count"].item() == twin.state[q]["wave_count"].item()
+        for key, value in twin.state[q].items():
+            torch.testing.assert_close(opt.state[p][key], value, rtol=rtol, atol=atol)

@@ -182,7 +182,7 @@ def test_the_device_copy_of_the_counts_follows_them(kind: str, path: str, full_s
         pytest.skip("the device copy of the counts is the Triton path's")
     from waveguard_optim.kernels import triton_step
 
-    monkeypatch.setattr(triton_step, "_reads_host_counts", lambda device: False)
+    monkeypatch.setattr(triton_step, "_reads_counts_in_place", lambda plan: False)
     pair = _Pair(kind)
     pair.step(N + 2)
     plan = pair.plan()

@@ -76,13 +76,8 @@ class WaveAdam(WaveGuardMixin, torch.optim.Adam):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if self._amp_step_skipped():
-            return loss
         self._check_groups()
-
-        for index, group in enumerate(self.param_groups):
-            if self._planned(index, group):
-                continue
+        for index, group in self._unplanned_groups():
             self._check_dense(group)
             params: list[Tensor] = []
             grads: list[Tensor] = []
@@ -138,4 +133,4 @@ class WaveAdam(WaveGuardMixin, torch.optim.Adam):
         return ("exp_avg", "exp_avg_sq", *(("max_exp_avg_sq",) if group["amsgrad"] else ())), "step"
 
     def _run_plan(self, group: dict[str, Any], kernels: Any, plan: Any) -> bool:
-        return kernels.planned_wave_adam_(plan, plan.steps, **self._fused_options(group))
+        return kernels.planned_wave_adam_(plan, plan.steps, **self._planned_options(group))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import itertools
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import ModuleType
 from typing import Any
 
@@ -14,8 +14,9 @@ from torch import Tensor
 
 from ._compat import default_foreach
 from .denoise import claim_histories, record_and_filter
-from .history import COUNT_KEY, as_count, restore_history, restored_on_failure, split_checkpoint, unclaim
+from .history import COUNT_KEY, as_count, counts_on_device, restore_history, restored_on_failure, split_checkpoint, unclaim
 from .kernels.dispatch import fused_backend, fused_by_default
+from .kernels.plan import step_skipped
 from .options import WAVE_DEFAULTS, buffer_dtype_name, check_distinct_params, check_param_groups, check_wave_options, filter_options
 from .stats import wave_stats as _wave_stats
 
@@ -129,8 +130,21 @@ class WaveGuardMixin(torch.optim.Optimizer):
 
     def _amp_step_skipped(self) -> bool:
         """True when GradScaler found inf/nan for a fused step: then nothing is recorded."""
-        found_inf = getattr(self, "found_inf", None)
-        return found_inf is not None and bool(found_inf.item())
+        return step_skipped(getattr(self, "found_inf", None))
+
+    def _unplanned_groups(self) -> Iterator[tuple[int, dict[str, Any]]]:
+        """Step each param group on its plan where one applies (a Triton plan consumes GradScaler's
+        ``found_inf`` on the device: no host sync); yield the others, with their index, for the
+        full step, unless ``found_inf`` (read on the host once) says to skip this step."""
+        skipped = None
+        for index, group in enumerate(self.param_groups):
+            if self._planned(index, group):
+                continue
+            if skipped is None:
+                skipped = self._amp_step_skipped()
+            if skipped:
+                return
+            yield index, group
 
     def _paths(self, group: dict[str, Any], params: list[Tensor]) -> tuple[bool, ModuleType | None]:
         """``(foreach, kernels)`` for this group: the eager path, or the fused kernel module to use.
@@ -158,7 +172,9 @@ class WaveGuardMixin(torch.optim.Optimizer):
         return bool(foreach), None
 
     def _claim(self, group: dict[str, Any], params: list[Tensor], states: list[dict[str, Any]]) -> tuple[list[list[Tensor]], list[bool]]:
-        return claim_histories(params, states, buffer_size=group["buffer_size"], buffer_dtype=group["buffer_dtype"])
+        return claim_histories(
+            params, states, buffer_size=group["buffer_size"], buffer_dtype=group["buffer_dtype"], counts_on_device=counts_on_device(group)
+        )
 
     def _planned(self, index: int, group: dict[str, Any]) -> bool:
         """Step ``group`` on its cached plan (``kernels/plan.py``), before torch's ``_init_group``,
@@ -195,6 +211,10 @@ class WaveGuardMixin(torch.optim.Optimizer):
     def _fused_options(self, group: dict[str, Any]) -> dict[str, Any]:
         """The keyword arguments of the fused kernels' steps, full and planned."""
         return dict(**self._wave_args(group), **self._update_options(group), strict=bool(group["fused"]))
+
+    def _planned_options(self, group: dict[str, Any]) -> dict[str, Any]:
+        """Those of the planned steps, which also take GradScaler's ``found_inf``."""
+        return dict(self._fused_options(group), found_inf=getattr(self, "found_inf", None))
 
     def _fused_step(
         self, index: int, group: dict[str, Any], params: list[Tensor], kernels: ModuleType, run: Callable[[list[list[Tensor]], list[bool]], None]

@@ -53,9 +53,15 @@ def _multi_tensor_filter(params: list[Tensor], slots: list[list[Tensor]], option
 
 @torch.compiler.disable
 def claim_histories(
-    params: list[Tensor], states: list[dict[str, Any]], *, buffer_size: int, buffer_dtype: str | torch.dtype | None
+    params: list[Tensor],
+    states: list[dict[str, Any]],
+    *,
+    buffer_size: int,
+    buffer_dtype: str | torch.dtype | None,
+    counts_on_device: bool = False,
 ) -> tuple[list[list[Tensor]], list[bool]]:
-    """Advance each parameter's ring by one gradient (creating it on the first).
+    """Advance each parameter's ring by one gradient (creating it on the first, its count on the
+    parameter's device with ``counts_on_device``).
 
     Returns, per parameter, its slots oldest first (the last one is where the current
     gradient must be written) and whether the history is full, i.e. the filter applies.
@@ -68,7 +74,7 @@ def claim_histories(
     dtype = resolve_buffer_dtype(buffer_dtype)
     for s, p in zip(states, params):
         if COUNT_KEY not in s:
-            start_history(s, p, buffer_size, dtype)
+            start_history(s, p, buffer_size, dtype, counts_on_device)
     before = advance(states)
     histories = [time_ordered(s, buffer_size, c + 1) for s, c in zip(states, before)]
     if histories and marked_static_by_dynamo(histories[0][0]):  # under torch.compile: no guard on which slot is where

@@ -2,10 +2,13 @@
 
 Each parameter owns ``buffer_size`` parameter-shaped slots, ``wave_history_0`` ...,
 written as a ring (the k-th recorded gradient goes to slot ``k mod N``; nothing is
-rolled), and ``wave_count``, a 0-dim int64 CPU tensor like torch's ``step``: that is what
+rolled), and ``wave_count``, a 0-dim int64 tensor like torch's ``step``: that is what
 ``torch.distributed.checkpoint`` restores in place (it does not restore a Python int
-there). Reading it needs no device sync; a step advances the counts of a group with one
-foreach add. torch's ``load_state_dict`` would cast
+there). It lives on the CPU, where reading it needs no device sync, except in a group with
+``fused=True`` or ``capturable=True``: there it is on the parameter's device, as torch keeps
+``step`` (:func:`counts_on_device`), so that a GPU step, and GradScaler's skip of one, need
+no host sync. A step advances the counts of a
+group with one add. torch's ``load_state_dict`` would cast
 it to the parameter's dtype (bf16 cannot count past 256), so the wave keys are split off
 before torch's load and put back after it.
 """
@@ -52,26 +55,37 @@ def check_ring_size(state: Mapping[str, Any], buffer_size: int) -> None:
     )
 
 
-def start_history(state: dict[str, Any], p: Tensor, buffer_size: int, buffer_dtype: torch.dtype | None) -> None:
-    """All slots (zeros, like ``p``) and a count of 0, for a parameter's first gradient."""
+def counts_on_device(group: Mapping[str, Any]) -> bool:
+    """Whether a param group keeps its counts on the parameters' device: torch's policy for
+    ``step`` (fused or capturable)."""
+    return bool(group.get("fused") or group.get("capturable"))
+
+
+def start_history(state: dict[str, Any], p: Tensor, buffer_size: int, buffer_dtype: torch.dtype | None, count_on_device: bool = False) -> None:
+    """All slots (zeros, like ``p``) and a count of 0 (on ``p``'s device with ``count_on_device``),
+    for a parameter's first gradient."""
     dtype = p.dtype if p.is_complex() or buffer_dtype is None else buffer_dtype
     for i in range(buffer_size):
         state[slot_key(i)] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
-    state[COUNT_KEY] = as_count(0)
+    state[COUNT_KEY] = as_count(0, p.device if count_on_device else None)
 
 
-def as_count(value: int | Tensor) -> Tensor:
-    """A new ``wave_count`` tensor holding ``value`` (an int, as older checkpoints hold, or a tensor)."""
-    return torch.tensor(int(value), dtype=torch.int64)
+def as_count(value: int | Tensor, device: torch.device | None = None) -> Tensor:
+    """A new ``wave_count`` tensor holding ``value`` (an int, as older checkpoints hold, or a
+    tensor), on the CPU unless ``device`` is given."""
+    return torch.tensor(int(value), dtype=torch.int64, device=device)
 
 
 def advance(states: list[dict[str, Any]]) -> list[int]:
     """Count one more gradient in each state (one foreach add); return the counts before it.
 
-    The counts are CPU tensors: ``item()`` syncs nothing, and costs less per count than stacking
-    them for one ``tolist()``."""
+    CPU counts are read with ``item()``, which syncs nothing and costs less per count than
+    stacking them for one ``tolist()``; counts on a device with one sync."""
     counts = [state[COUNT_KEY] for state in states]
-    before = [count.item() for count in counts]
+    if all(c.is_cpu for c in counts):
+        before = [count.item() for count in counts]
+    else:
+        before = torch.stack([c.to(counts[0].device) for c in counts]).tolist()
     if counts:
         torch._foreach_add_(counts, 1)
     return before
@@ -138,13 +152,17 @@ def _history_problem(wave: Mapping[str, Any], p: Tensor, buffer_size: int) -> st
     return None
 
 
-def _placed(wave_state: Mapping[Tensor, Mapping[str, Any]]) -> dict[Tensor, dict[str, Any]]:
+def _placed(wave_state: Mapping[Tensor, Mapping[str, Any]], on_device: set[Tensor]) -> dict[Tensor, dict[str, Any]]:
     """The validated wave state as the optimizer will hold it: counts as tensors of their own (a
-    step advances them in place: they must not alias the checkpoint's), slots on their
+    step advances them in place: they must not alias the checkpoint's), on the CPU or, for the
+    parameters in ``counts_on_device`` (see :func:`counts_on_device`), on theirs; slots on their
     parameter's device, each in memory of its own (the kernels write slots in place: a slot that
     overlaps itself, e.g. an expanded one, or another slot is copied). Made before anything
     changes, so a failing move (out of memory) leaves the optimizer as it was."""
-    out = {p: {k: as_count(_count(v)) if k == COUNT_KEY else v.to(device=p.device) for k, v in wave.items()} for p, wave in wave_state.items()}
+    out = {
+        p: {k: as_count(_count(v), p.device if p in on_device else None) if k == COUNT_KEY else v.to(device=p.device) for k, v in wave.items()}
+        for p, wave in wave_state.items()
+    }
     slots = [(p, k) for p, wave in out.items() for k in wave if k != COUNT_KEY]
     spans = sorted((byte_span(out[p][k]), n) for n, (p, k) in enumerate(slots) if out[p][k].numel())
     reach = 0
@@ -208,6 +226,7 @@ def split_checkpoint(
 
     state: dict[Any, Any] = {}
     wave_state: dict[Tensor, dict[str, Any]] = {}
+    on_device: set[Tensor] = set()
     for pid, p_state in state_dict["state"].items():
         wave = {k: v for k, v in p_state.items() if is_wave_key(k)}
         if pid in owner and wave:
@@ -219,8 +238,10 @@ def split_checkpoint(
                     f"{tuple(p.shape)}): {problem}. The optimizer was left unchanged."
                 )
             wave_state[p] = wave
+            if counts_on_device(saved):  # the loaded group's options, as torch places step
+                on_device.add(p)
         state[pid] = {k: v for k, v in p_state.items() if not is_wave_key(k)}
-    placed = _placed(wave_state)
+    placed = _placed(wave_state, on_device)
     others = [v for p_state in state.values() for v in p_state.values() if isinstance(v, Tensor)]
     _refuse_shared(placed, others + [p for group in param_groups for p in group["params"]])
     return {**state_dict, "state": state, "param_groups": groups}, placed

@@ -63,13 +63,8 @@ class WaveSGD(WaveGuardMixin, torch.optim.SGD):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if self._amp_step_skipped():
-            return loss
         self._check_groups()
-
-        for index, group in enumerate(self.param_groups):
-            if self._planned(index, group):
-                continue
+        for index, group in self._unplanned_groups():
             self._check_dense(group)
             params: list[Tensor] = []
             grads: list[Tensor] = []
@@ -121,4 +116,4 @@ class WaveSGD(WaveGuardMixin, torch.optim.SGD):
         return ("momentum_buffer",) if group["momentum"] != 0 else (), None
 
     def _run_plan(self, group: dict[str, Any], kernels: Any, plan: Any) -> bool:
-        return kernels.planned_wave_sgd_(plan, **self._fused_options(group))
+        return kernels.planned_wave_sgd_(plan, **self._planned_options(group))
