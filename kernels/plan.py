@@ -4,9 +4,9 @@ The full step (``cpu_step.fused_wave_*_``) validates every operand each call: dt
 sizes, layout and aliasing (``_checks``), and claims the ring slots with a ``.item()`` per count.
 On many small tensors that bookkeeping costs several times the kernel. After a full step has
 validated a group's tensors, the optimizer keeps a :class:`StepPlan` of them: their addresses in
-storage order (slots ``wave_history_0 ...``, not time order), and the group's ring counts made
-views of one buffer (one add advances them all; the ring is read from it each step, so a count
-restored in place, as ``torch.distributed.checkpoint`` does, is seen). A later step only
+storage order (slots ``wave_history_0 ...``, not time order), and the group's ring counts (and
+Adam's steps) made views of one buffer (one add advances them all; the ring is read from it
+each step, so a count restored in place, as ``torch.distributed.checkpoint`` does, is seen). A later step only
 collects the gradients and checks them, and confirms that every cached tensor is the same
 object with the same data pointer and byte count: ``resize_``, ``set_`` and ``p.data = ...``
 (``model.to``) change the pointer or the byte count, and an edited ``opt.state[p]`` or
@@ -73,6 +73,8 @@ class StepPlan:
         self.count_ptrs = np.ascontiguousarray(per_row[:, -1])
         self.fixed_written = [*params, *(t for h in held for t in h[:c])]  # p and its state columns
         self.steps = [h[c] for h in held] if step else []
+        base = self.steps[0]._base if self.steps else None  # make_plan made them views of one buffer where it could
+        self.step_buffer = base if base is not None and all(s._base is base for s in self.steps) else None
         self.slots = [t for h in held for t in h[first_slot:-1]]  # row by row, in storage order
         self.first_slots = np.arange(rows) * n  # row i's slot 0 in self.slots
         self.count_buffer = held[0][-1]._base  # make_plan made the counts its views, in order
@@ -159,7 +161,9 @@ def make_plan(params: list[Tensor], states: list[dict[str, Any]], columns: Seque
         return None
     if len({c.device for c in counts}) != 1:
         return None
-    _share_one_buffer(states, counts)
+    _share_one_buffer(states, COUNT_KEY)
+    if step is not None and all(isinstance(state.get(step), Tensor) for state in states):
+        _share_one_buffer(states, step)
     try:
         plan = StepPlan(params, states, columns, step, buffer_size)
     except (KeyError, TypeError):  # a column missing, or None (SGD's momentum_buffer before its first step)
@@ -175,13 +179,18 @@ def make_plan(params: list[Tensor], states: list[dict[str, Any]], columns: Seque
     return plan
 
 
-def _share_one_buffer(states: list[dict[str, Any]], counts: list[Tensor]) -> None:
-    """Make the group's ``wave_count`` tensors views of one int64 buffer, in order (the same
-    values, on the same device; still 0-dim int64 tensors, in checkpoints too), so that a planned step advances
-    them all with one add. Counts that already are such views (a plan rebuilt) stay as they are."""
-    base = counts[0]._base
-    if base is not None and base.shape == (len(counts),) and base.is_contiguous():
-        if all(c._base is base and c.storage_offset() == i for i, c in enumerate(counts)):
+def _share_one_buffer(states: list[dict[str, Any]], key: str) -> None:
+    """Make the group's ``key`` tensors (``wave_count``, Adam's ``step``) views of one buffer, in
+    order (the same values, dtype and device; still 0-dim tensors, in checkpoints too), so that a
+    planned step advances them all with one add. Values that already are such views (a plan
+    rebuilt) stay as they are; values that cannot share one buffer (mixed dtypes or devices)
+    stay separate."""
+    values = [state[key] for state in states]
+    base = values[0]._base
+    if base is not None and base.shape == (len(values),) and base.is_contiguous():
+        if all(v._base is base and v.storage_offset() == i for i, v in enumerate(values)):
             return
-    for state, view in zip(states, torch.stack(counts).unbind()):
-        state[COUNT_KEY] = view
+    if len({(v.dtype, v.device) for v in values}) != 1 or any(v.dim() for v in values):
+        return
+    for state, view in zip(states, torch.stack(values).unbind()):
+        state[key] = view

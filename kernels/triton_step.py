@@ -1043,6 +1043,16 @@ def _plannable(plan: StepPlan, columns: int) -> bool:
     return triton is not None and plan.fixed_ptrs.shape[1] == 1 + columns and triton_available(plan.device)
 
 
+def _add_to_steps(plan: StepPlan, state_steps: list[Tensor], value: float | Tensor) -> None:
+    """``step += value`` for each step: one add where they are the plan's, views of one buffer."""
+    if plan.step_buffer is not None and state_steps is plan.steps:
+        plan.step_buffer.add_(value)
+    elif isinstance(value, Tensor):
+        torch._foreach_add_(state_steps, [value] * len(state_steps))
+    else:
+        torch._foreach_add_(state_steps, value)
+
+
 @torch.no_grad()
 def planned_wave_adam_(
     plan: StepPlan,
@@ -1078,7 +1088,7 @@ def planned_wave_adam_(
         return True
     hyper = _planned_hyper(plan, [lr, beta1, beta2, eps, weight_decay])
     scale = _scale(grad_scale, device)
-    torch._foreach_add_(state_steps, 1)  # as torch's fused Adam; everything is validated
+    _add_to_steps(plan, state_steps, 1)  # as torch's fused Adam; everything is validated
     if steps_here:
         step_ptrs = plan.step_ptrs
     else:  # copies, alive until the launch is queued (their memory must not be reused before it)
@@ -1093,7 +1103,7 @@ def planned_wave_adam_(
         ACC=acc, MAXIMIZE=bool(maximize), HAS_WD=_nonzero(weight_decay), DECOUPLED=bool(decoupled_weight_decay), AMSGRAD=bool(amsgrad),
     )  # fmt: skip
     if inf is not None:  # as torch's fused Adam: a skipped step is not counted
-        torch._foreach_sub_(state_steps, [inf] * len(state_steps))
+        _add_to_steps(plan, state_steps, -inf)
     return True
 
 
