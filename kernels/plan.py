@@ -74,7 +74,8 @@ class StepPlan:
         self.fixed_written = [*params, *(t for h in held for t in h[:c])]  # p and its state columns
         self.steps = [h[c] for h in held] if step else []
         base = self.steps[0]._base if self.steps else None  # make_plan made them views of one buffer where it could
-        self.step_buffer = base if base is not None and all(s._base is base for s in self.steps) else None
+        shared = base is not None and base.shape == (rows,) and all(s._base is base for s in self.steps)
+        self.step_buffer = base if shared else None  # one add advances every step, and nothing else
         self.slots = [t for h in held for t in h[first_slot:-1]]  # row by row, in storage order
         self.first_slots = np.arange(rows) * n  # row i's slot 0 in self.slots
         self.count_buffer = held[0][-1]._base  # make_plan made the counts its views, in order
