@@ -29,8 +29,12 @@ one per tensor:
   the plan's (a device copy of them on a GPU, kernels/plan.py); the full step points the
   count column at counts that reproduce the ``histories`` / ``full`` it was given.
 
-Small host tensors (tables, hyper) reach the GPU through pinned memory, asynchronously;
-the per-call table copy makes the step not CUDA-graph capturable.
+Small host tensors (tables, hyper) reach the GPU through pinned memory, asynchronously. A
+planned step (kernels/plan.py) keeps its table and hyperparameters on the device and copies
+them again only when an address or a float value changed; with the steps and counts on the
+device (``fused=True`` / ``capturable=True``) and GradScaler's ``found_inf`` read by the
+kernel, such a step makes no host-to-device copy and no host sync: it can be captured in a
+CUDA graph (``tests/test_fused_triton.py::test_captured_step_replays_as_eager``, GPU only).
 
 Memory access. Each program issues all its global loads first and its stores last (the
 compiler must assume the table's tensors may overlap, so a load after a store would wait
@@ -466,7 +470,7 @@ def triton_available(device: torch.device | str) -> bool:
 def _launch_config(buffer_size: int, fp64: bool) -> tuple[int, int]:
     """``(BLOCK, num_warps)``. About 2N values are live per element, so bigger buffers (and
     float64) get fewer elements per thread: with every load issued first, ptxas (sm_90) then
-    uses 72 / 96 / 155 registers and no spills for fp32 Adam with N = 2 / 8 / 64
+    uses 72 / 105 / 154 registers and no spills for fp32 Adam with N = 2 / 8 / 64
     (``bench/triton_sass.py``). The interpreter pays per program
     and per operation, not per element, so it gets big blocks."""
     if _interpreted():
