@@ -38,9 +38,16 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 @torch.compiler.assume_constant_result  # torch.compile: constants of the trace, not a graph break
 def filter_weights(buffer_size: int, decay: float) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """``(w, u)`` as Python floats computed in float64: the recency weights and ``u = Haar(w)``."""
-    w = recency_weights(buffer_size, decay)
-    return tuple(w.tolist()), tuple(haar(w).tolist())
+    """``(w, u)`` as Python floats computed in float64: the recency weights and ``u = Haar(w)``
+    (computed once per ``(buffer_size, decay)``: steps ask for them every time)."""
+    key = (buffer_size, decay)
+    if key not in _FILTER_WEIGHTS:
+        w = recency_weights(buffer_size, decay)
+        _FILTER_WEIGHTS[key] = tuple(w.tolist()), tuple(haar(w).tolist())
+    return _FILTER_WEIGHTS[key]
+
+
+_FILTER_WEIGHTS: dict[tuple[int, float], tuple[tuple[float, ...], tuple[float, ...]]] = {}
 
 
 def threshold_scale_factor(buffer_size: int, threshold_scale: float) -> float:
