@@ -381,23 +381,21 @@ def _c_steps(state_steps: list[Tensor]) -> tuple[np.ndarray, bool] | None:
 
 def _adam_steps(
     state_steps: list[Tensor], lr: float | Tensor, beta1: float | Tensor, beta2: float | Tensor, kernel: cpu_c.Kernel | None,
-    c_steps: tuple[np.ndarray, bool] | None = None,
+    c_steps: tuple[np.ndarray, bool] | None,
 ) -> tuple[Sequence[float], Sequence[float]]:
     """Increment the step counts; return torch Adam's ``step_size`` and ``sqrt(bias_correction2)``
     per tensor. In C (one call, the same libm ``pow`` as Python's ``**``) when a kernel is given,
-    the hyperparameters are floats and :func:`_c_steps` accepts the steps (``c_steps``: its
-    answer, where known: a plan's), else as torch's single-tensor Adam does it (in a Tensor lr's
-    or beta's dtype: float32 arithmetic)."""
+    the hyperparameters are floats and :func:`_c_steps` accepted the steps (``c_steps``: its
+    answer, a plan keeps it), else as torch's single-tensor Adam does it (in a Tensor lr's or
+    beta's dtype: float32 arithmetic)."""
     scalars = not any(isinstance(x, Tensor) for x in (lr, beta1, beta2))
-    if kernel is not None and scalars:
-        c_steps = c_steps or _c_steps(state_steps)
-        if c_steps is not None:
-            pointers, f64 = c_steps
-            count = len(state_steps)
-            step_size, bc2_sqrt = np.empty(count), np.empty(count)
-            kernel.steps(pointers.ctypes.data, count, f64, lr, beta1, beta2, step_size.ctypes.data, bc2_sqrt.ctypes.data)
-            torch.autograd.graph.increment_version(state_steps)
-            return step_size, bc2_sqrt
+    if kernel is not None and scalars and c_steps is not None:
+        pointers, f64 = c_steps
+        count = len(state_steps)
+        step_size, bc2_sqrt = np.empty(count), np.empty(count)
+        kernel.steps(pointers.ctypes.data, count, f64, lr, beta1, beta2, step_size.ctypes.data, bc2_sqrt.ctypes.data)
+        torch.autograd.graph.increment_version(state_steps)
+        return step_size, bc2_sqrt
     torch._foreach_add_(state_steps, 1)
     steps = torch.stack(state_steps).tolist() if len(state_steps) > 1 else [state_steps[0].item()]
     return [_to_float(lr / (1 - beta1**step)) for step in steps], [_to_float((1 - beta2**step) ** 0.5) for step in steps]
@@ -737,7 +735,7 @@ def fused_wave_adam_(
         "adam", switches, groups, use == "c" and _exact_reciprocal(scale), _c_required(backend, strict), decay, threshold_scale
     )
     kernels = [kernel for *_, kernel in plans]
-    step_size, bc2_sqrt = _adam_steps(state_steps, lr, beta1, beta2, kernels[0] if all(kernels) else None)
+    step_size, bc2_sqrt = _adam_steps(state_steps, lr, beta1, beta2, kernels[0] if all(kernels) else None, _c_steps(state_steps))
 
     for (pdtype, _, n, _), members, kernel in plans:
         constants = _filter_constants(n, decay, threshold_scale)
@@ -883,7 +881,7 @@ def planned_wave_adam_(
     ptrs, full = _planned_ptrs(plan)
     constants = _filter_constants(plan.buffer_size, decay, threshold_scale)
     scalars = _adam_c_scalars(scale, maximize, constants, plan.dtype, hyper, b2, eps, wd)
-    if "steps" not in plan.cache:  # the plan's steps: the same tensors every planned step
+    if "steps" not in plan.cache:  # the plan's steps: the same tensors every planned step (None: not countable in C)
         plan.cache["steps"] = _c_steps(state_steps)
     step_size, bc2_sqrt = _adam_steps(state_steps, lr, beta1, beta2, kernel, plan.cache["steps"])
     _launch_c(kernel, "adam", ptrs, plan.sizes, full, np.zeros(plan.rows, np.uint8), step_size, bc2_sqrt, constants, scalars, plan.cache)

@@ -336,8 +336,8 @@ def test_step_counts_and_bias_corrections_in_c_equal_torchs(dtype: torch.dtype) 
     for lr, b1, b2 in [(1e-3, 0.9, 0.999), (0.05, 0.3, 0.99), (1.0, 0.0, 0.5)]:
         in_c = [torch.tensor(c, dtype=dtype) for c in counts]
         in_torch = [t.clone() for t in in_c]
-        got = cpu_step._adam_steps(in_c, lr, b1, b2, kernel)
-        expected = cpu_step._adam_steps(in_torch, lr, b1, b2, None)
+        got = cpu_step._adam_steps(in_c, lr, b1, b2, kernel, cpu_step._c_steps(in_c))
+        expected = cpu_step._adam_steps(in_torch, lr, b1, b2, None, None)
         assert isinstance(got[0], np.ndarray) and isinstance(expected[0], list)  # the two ways were taken
         assert [list(x) for x in got] == [list(x) for x in expected]
         assert [t.item() for t in in_c] == [t.item() for t in in_torch]
