@@ -718,6 +718,7 @@ def _hyper(values: Sequence[float | Tensor], device: torch.device) -> Tensor:
 
 
 def _with_tensor_values(hyper: Tensor, values: Sequence[float | Tensor]) -> Tensor:
+    """``hyper`` with the tensor ones among ``values`` copied in, on the device."""
     for k, v in enumerate(values):
         if isinstance(v, Tensor):
             hyper[k] = v.detach().to(device=hyper.device, dtype=torch.float64).reshape(())

@@ -7,10 +7,9 @@ rolled), and ``wave_count``, a 0-dim int64 tensor like torch's ``step``: that is
 there). It lives on the CPU, where reading it needs no device sync, except in a group with
 ``fused=True`` or ``capturable=True``: there it is on the parameter's device, as torch keeps
 ``step`` (:func:`counts_on_device`), so that a GPU step, and GradScaler's skip of one, need
-no host sync. A step advances the counts of a
-group with one add. torch's ``load_state_dict`` would cast
-it to the parameter's dtype (bf16 cannot count past 256), so the wave keys are split off
-before torch's load and put back after it.
+no host sync. A step advances the counts of a group with one add. torch's
+``load_state_dict`` would cast it to the parameter's dtype (bf16 cannot count past 256), so
+the wave keys are split off before torch's load and put back after it.
 """
 
 from __future__ import annotations
@@ -155,7 +154,7 @@ def _history_problem(wave: Mapping[str, Any], p: Tensor, buffer_size: int) -> st
 def _placed(wave_state: Mapping[Tensor, Mapping[str, Any]], on_device: set[Tensor]) -> dict[Tensor, dict[str, Any]]:
     """The validated wave state as the optimizer will hold it: counts as tensors of their own (a
     step advances them in place: they must not alias the checkpoint's), on the CPU or, for the
-    parameters in ``counts_on_device`` (see :func:`counts_on_device`), on theirs; slots on their
+    parameters in ``on_device`` (see :func:`counts_on_device`), on theirs; slots on their
     parameter's device, each in memory of its own (the kernels write slots in place: a slot that
     overlaps itself, e.g. an expanded one, or another slot is copied). Made before anything
     changes, so a failing move (out of memory) leaves the optimizer as it was."""
