@@ -969,27 +969,45 @@ def _reads_counts_in_place(plan: StepPlan) -> bool:
     return plan.count_buffer.device == plan.device or plan.device.type == "cpu"
 
 
-def _kernel_counts(plan: StepPlan) -> np.ndarray:
-    """Where the kernel reads the group's ring counts: the counts themselves (on the device, or
-    on the CPU for the interpreter), or a device copy of
-    the count buffer kept in the plan (advanced with it by :func:`_advance`) and uploaded again
-    when the counts differ from it (restored in place, as ``torch.distributed.checkpoint`` does)."""
-    if _reads_counts_in_place(plan):
-        return plan.count_ptrs
-    copy = plan.cache.get("device counts")
-    if copy is None or not np.array_equal(copy[0], plan.count_values):
-        counts = _to_device(plan.count_buffer.clone(), plan.device)
-        copy = plan.cache["device counts"] = (plan.count_values.copy(), counts, counts.data_ptr() + 8 * np.arange(plan.rows, dtype=np.int64))
+def _reads_steps_in_place(plan: StepPlan, state_steps: list[Tensor]) -> bool:
+    """Whether the kernel reads Adam's steps where they are: on its device (torch's fused or
+    capturable Adam keeps them there)."""
+    return set(map(Tensor.get_device, state_steps)) == {plan.device_index}
+
+
+def _device_copy(plan: StepPlan, name: str, buffer: Tensor) -> np.ndarray:
+    """The addresses of a device copy of one of the plan's CPU buffers (counts, Adam's steps),
+    kept in the plan under ``name`` and advanced with the buffer (:func:`_advance_copy`): copied
+    again only when the buffer's values differ from it (restored in place, as
+    ``torch.distributed.checkpoint`` does), not every step."""
+    values = buffer.numpy()
+    copy = plan.cache.get(name)
+    if copy is None or not np.array_equal(copy[0], values):
+        held = _to_device(buffer.clone(), plan.device)
+        copy = plan.cache[name] = (values.copy(), held, held.data_ptr() + held.element_size() * np.arange(plan.rows, dtype=np.int64))
     return copy[2]
 
 
-def _advance(plan: StepPlan) -> None:
-    """Count the recorded gradients: the plan's counts, and their device copy (one add on the device)."""
-    copy = plan.cache.get("device counts")
+def _advance_copy(plan: StepPlan, name: str, value: float) -> None:
+    """Add ``value`` to the device copy ``name`` (one op on the device), as to the buffer it copies."""
+    copy = plan.cache.get(name)
     if copy is not None:
-        snapshot, counts, _ = copy
-        snapshot += 1
-        counts.add_(1)
+        snapshot, held, _ = copy
+        snapshot += value
+        held.add_(value)
+
+
+def _kernel_counts(plan: StepPlan) -> np.ndarray:
+    """Where the kernel reads the group's ring counts: the counts themselves (on the device, or
+    on the CPU for the interpreter), or a device copy of them (:func:`_device_copy`)."""
+    if _reads_counts_in_place(plan):
+        return plan.count_ptrs
+    return _device_copy(plan, "device counts", plan.count_buffer)
+
+
+def _advance(plan: StepPlan) -> None:
+    """Count the recorded gradients: the plan's counts, and their device copy if any."""
+    _advance_copy(plan, "device counts", 1)
     plan.advance()
 
 
@@ -1049,9 +1067,12 @@ def _plannable(plan: StepPlan, columns: int) -> bool:
 
 
 def _add_to_steps(plan: StepPlan, state_steps: list[Tensor], value: float | Tensor) -> None:
-    """``step += value`` for each step: one add where they are the plan's, views of one buffer."""
+    """``step += value`` for each step: one add where they are the plan's, views of one buffer
+    (and one to its device copy, if any: a copy left behind is copied again before it is read)."""
     if plan.step_buffer is not None and state_steps is plan.steps:
         plan.step_buffer.add_(value)
+        if not isinstance(value, Tensor):
+            _advance_copy(plan, "device steps", value)
     elif isinstance(value, Tensor):
         torch._foreach_add_(state_steps, [value] * len(state_steps))
     else:
@@ -1087,7 +1108,7 @@ def planned_wave_adam_(
     if not _plannable(plan, 3 if amsgrad else 2) or len(step_dtypes) != 1 or next(iter(step_dtypes)) not in _TL_DTYPES:
         return False
     device = plan.device
-    steps_here = set(map(Tensor.get_device, state_steps)) == {plan.device_index}  # torch's fused Adam keeps them there
+    steps_here = _reads_steps_in_place(plan, state_steps)
     inf = _found_inf_on_device(plan, found_inf, steps_here)
     if inf is None and step_skipped(found_inf):
         return True
@@ -1096,6 +1117,8 @@ def planned_wave_adam_(
     _add_to_steps(plan, state_steps, 1)  # as torch's fused Adam; everything is validated
     if steps_here:
         step_ptrs = plan.step_ptrs
+    elif plan.step_buffer is not None and state_steps is plan.steps and plan.step_buffer.is_cpu:
+        step_ptrs = _device_copy(plan, "device steps", plan.step_buffer)
     else:  # copies, alive until the launch is queued (their memory must not be reused before it)
         copies = _steps_on(state_steps, device)
         step_ptrs = np.fromiter(map(Tensor.data_ptr, copies), dtype=np.int64, count=plan.rows)

@@ -195,6 +195,30 @@ def test_the_device_copy_of_the_counts_follows_them(kind: str, path: str, full_s
     assert plan.cache["device counts"][1].tolist() == plan.count_buffer.tolist()
 
 
+def test_the_device_copy_of_the_steps_follows_them(path: str, full_steps: list[int], monkeypatch: pytest.MonkeyPatch) -> None:
+    """WaveAdam's steps on the CPU with the kernel on a GPU (the default ``fused=None``): the
+    kernel reads a device copy of the plan's step buffer, advanced with it (no copy per step),
+    copied again when the steps were written in place. Forced on the CPU as for the counts."""
+    if path != "triton":
+        pytest.skip("the device copy of the steps is the Triton path's")
+    from waveguard_optim.kernels import triton_step
+
+    monkeypatch.setattr(triton_step, "_reads_steps_in_place", lambda plan, steps: False)
+    pair = _Pair("adam")
+    pair.step(N + 2)
+    plan = pair.plan()
+    copy = plan.cache["device steps"][1]
+    assert copy.data_ptr() != plan.step_buffer.data_ptr()
+    pair.step(2)
+    assert plan.cache["device steps"][1] is copy  # advanced on the device, not copied again
+    for params, opt in ((pair.p, pair.fused), (pair.q, pair.eager)):
+        for i, p in enumerate(params):
+            opt.state[p]["step"].fill_(3.0 + i)  # restored in place: the bias corrections follow
+    pair.step(3)
+    assert len(full_steps) == 1 and pair.plan() is plan
+    assert plan.cache["device steps"][1].tolist() == plan.step_buffer.tolist()
+
+
 def _replace_p_data(pair: _Pair) -> Any:
     backing = []
     for params in (pair.p, pair.q):
