@@ -847,7 +847,6 @@ def _planned_ptrs(plan: StepPlan) -> tuple[np.ndarray, np.ndarray]:
 
 def planned_wave_adam_(
     plan: StepPlan,
-    state_steps: list[Tensor],
     *,
     decay: float,
     threshold_scale: float,
@@ -882,8 +881,8 @@ def planned_wave_adam_(
     constants = _filter_constants(plan.buffer_size, decay, threshold_scale)
     scalars = _adam_c_scalars(scale, maximize, constants, plan.dtype, hyper, b2, eps, wd)
     if "steps" not in plan.cache:  # the plan's steps: the same tensors every planned step (None: not countable in C)
-        plan.cache["steps"] = _c_steps(state_steps)
-    step_size, bc2_sqrt = _adam_steps(state_steps, lr, beta1, beta2, kernel, plan.cache["steps"])
+        plan.cache["steps"] = _c_steps(plan.steps)
+    step_size, bc2_sqrt = _adam_steps(plan.steps, lr, beta1, beta2, kernel, plan.cache["steps"])
     _launch_c(kernel, "adam", ptrs, plan.sizes, full, np.zeros(plan.rows, np.uint8), step_size, bc2_sqrt, constants, scalars, plan.cache)
     plan.advance()
     return True

@@ -969,10 +969,10 @@ def _reads_counts_in_place(plan: StepPlan) -> bool:
     return plan.count_buffer.device == plan.device or plan.device.type == "cpu"
 
 
-def _reads_steps_in_place(plan: StepPlan, state_steps: list[Tensor]) -> bool:
-    """Whether the kernel reads Adam's steps where they are: on its device (torch's fused or
-    capturable Adam keeps them there)."""
-    return set(map(Tensor.get_device, state_steps)) == {plan.device_index}
+def _reads_steps_in_place(plan: StepPlan) -> bool:
+    """Whether the kernel reads the plan's Adam steps where they are: on its device (torch's
+    fused or capturable Adam keeps them there)."""
+    return set(map(Tensor.get_device, plan.steps)) == {plan.device_index}
 
 
 def _device_copy(plan: StepPlan, name: str, buffer: Tensor) -> np.ndarray:
@@ -1036,8 +1036,8 @@ def _planned_table(plan: StepPlan, fixed: list[np.ndarray]) -> tuple[np.ndarray,
 
 def _found_inf_on_device(plan: StepPlan, found_inf: Tensor | None, steps_here: bool) -> Tensor | None:
     """GradScaler's ``found_inf`` for the kernel to read, where the whole skip can happen on the
-    device: the counts (and Adam's steps: ``steps_here``) are there. None without one."""
-    if found_inf is None or plan.count_buffer.device != plan.device or not steps_here:
+    device: the kernel reads the counts (and Adam's steps: ``steps_here``) in place. None without one."""
+    if found_inf is None or not _reads_counts_in_place(plan) or not steps_here:
         return None
     return found_inf.detach().to(device=plan.device).reshape(())
 
@@ -1066,23 +1066,23 @@ def _plannable(plan: StepPlan, columns: int) -> bool:
     return triton is not None and plan.fixed_ptrs.shape[1] == 1 + columns and triton_available(plan.device)
 
 
-def _add_to_steps(plan: StepPlan, state_steps: list[Tensor], value: float | Tensor) -> None:
-    """``step += value`` for each step: one add where they are the plan's, views of one buffer
-    (and one to its device copy, if any: a copy left behind is copied again before it is read)."""
-    if plan.step_buffer is not None and state_steps is plan.steps:
+def _add_to_steps(plan: StepPlan, value: float | Tensor) -> None:
+    """``step += value`` for each of the plan's steps: one add where they are views of one
+    buffer (and one to its device copy, if any: a copy left behind is copied again before it
+    is read)."""
+    if plan.step_buffer is not None:
         plan.step_buffer.add_(value)
         if not isinstance(value, Tensor):
             _advance_copy(plan, "device steps", value)
     elif isinstance(value, Tensor):
-        torch._foreach_add_(state_steps, [value] * len(state_steps))
+        torch._foreach_add_(plan.steps, [value] * plan.rows)
     else:
-        torch._foreach_add_(state_steps, value)
+        torch._foreach_add_(plan.steps, value)
 
 
 @torch.no_grad()
 def planned_wave_adam_(
     plan: StepPlan,
-    state_steps: list[Tensor],
     *,
     decay: float,
     threshold_scale: float,
@@ -1104,23 +1104,23 @@ def planned_wave_adam_(
     GradScaler's ``found_inf`` skips the step as torch's fused Adam does, on the device (the
     kernel stores nothing, steps and counts go back) where the steps and counts are there
     (``fused=True`` or ``capturable=True``); else it is read on the host."""
-    step_dtypes = set(map(_DTYPE_OF, state_steps))
+    step_dtypes = set(map(_DTYPE_OF, plan.steps))
     if not _plannable(plan, 3 if amsgrad else 2) or len(step_dtypes) != 1 or next(iter(step_dtypes)) not in _TL_DTYPES:
         return False
     device = plan.device
-    steps_here = _reads_steps_in_place(plan, state_steps)
+    steps_here = _reads_steps_in_place(plan)
     inf = _found_inf_on_device(plan, found_inf, steps_here)
     if inf is None and step_skipped(found_inf):
         return True
     hyper = _planned_hyper(plan, [lr, beta1, beta2, eps, weight_decay])
     scale = _scale(grad_scale, device)
-    _add_to_steps(plan, state_steps, 1)  # as torch's fused Adam; everything is validated
+    _add_to_steps(plan, 1)  # as torch's fused Adam; everything is validated
     if steps_here:
         step_ptrs = plan.step_ptrs
-    elif plan.step_buffer is not None and state_steps is plan.steps and plan.step_buffer.is_cpu:
+    elif plan.step_buffer is not None and plan.step_buffer.is_cpu:
         step_ptrs = _device_copy(plan, "device steps", plan.step_buffer)
     else:  # copies, alive until the launch is queued (their memory must not be reused before it)
-        copies = _steps_on(state_steps, device)
+        copies = _steps_on(plan.steps, device)
         step_ptrs = np.fromiter(map(Tensor.data_ptr, copies), dtype=np.int64, count=plan.rows)
     columns = plan.fixed_ptrs[:, 1:]
     vmax = columns[:, 2] if amsgrad else np.zeros(plan.rows, dtype=np.int64)
@@ -1131,7 +1131,7 @@ def planned_wave_adam_(
         ACC=acc, MAXIMIZE=bool(maximize), HAS_WD=_nonzero(weight_decay), DECOUPLED=bool(decoupled_weight_decay), AMSGRAD=bool(amsgrad),
     )  # fmt: skip
     if inf is not None:  # as torch's fused Adam: a skipped step is not counted
-        _add_to_steps(plan, state_steps, -inf)
+        _add_to_steps(plan, -inf)
     return True
 
 

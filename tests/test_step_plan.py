@@ -203,7 +203,7 @@ def test_the_device_copy_of_the_steps_follows_them(path: str, full_steps: list[i
         pytest.skip("the device copy of the steps is the Triton path's")
     from waveguard_optim.kernels import triton_step
 
-    monkeypatch.setattr(triton_step, "_reads_steps_in_place", lambda plan, steps: False)
+    monkeypatch.setattr(triton_step, "_reads_steps_in_place", lambda plan: False)
     pair = _Pair("adam")
     pair.step(N + 2)
     plan = pair.plan()

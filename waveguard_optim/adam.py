@@ -133,4 +133,4 @@ class WaveAdam(WaveGuardMixin, torch.optim.Adam):
         return ("exp_avg", "exp_avg_sq", *(("max_exp_avg_sq",) if group["amsgrad"] else ())), "step"
 
     def _run_plan(self, group: dict[str, Any], kernels: Any, plan: Any) -> bool:
-        return kernels.planned_wave_adam_(plan, plan.steps, **self._planned_options(group))
+        return kernels.planned_wave_adam_(plan, **self._planned_options(group))
