@@ -447,10 +447,10 @@ def test_tensor_betas_and_lr_are_torch_adams_bit_for_bit(path_name, hypers, monk
 
     The reference is torch's single-tensor Adam; for the C kernel, with a correctly rounded
     ``sqrt``: a torch built with MKL takes ``Tensor.sqrt`` on CPU from MKL's ``vmsSqrt`` /
-    ``vmdSqrt``, which on some CPUs (this project's AMD EPYC machine: ~16% of float32 inputs) is
-    1 ulp off, while the C kernel's sqrt is IEEE, as torch's own fused CPU Adam's is (there,
-    ``Adam(fused=True)`` and ``Adam(foreach=False)`` differ in 44 of 3,000 elements after 5
-    steps). Where torch's sqrt is IEEE the patched reference is torch's Adam unchanged."""
+    ``vmdSqrt``, which on some CPUs (this project's AMD EPYC machine; README, "Code paths") is
+    1 ulp off, while the C kernel's sqrt is IEEE, as torch's own fused CPU Adam's is (there
+    ``Adam(fused=True)`` and ``Adam(foreach=False)`` differ too). Where torch's sqrt is IEEE
+    the patched reference is torch's Adam unchanged."""
     path = path_options(path_name, monkeypatch)
     make = lambda: [torch.nn.Parameter(p.detach().contiguous()) for p in make_params()]  # noqa: E731
     params, torch_params = make(), make()
