@@ -47,10 +47,12 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 from waveguard_optim._warnings import warn
 from waveguard_optim.filter import filter_weights, median_network
+
+T = TypeVar("T")
 
 # ---------------------------------------------------------------------------------------
 # Storage kinds: C types, and how to load, store and round-trip one element.
@@ -688,15 +690,16 @@ def _verified_bytes(library: Path) -> bytes | None:
     return data
 
 
-def _dlopen(data: bytes, path: Path) -> tuple[ctypes.CDLL, int]:
-    """``(library, descriptor)``: the library ``data``, loaded from a sealed memory file, so that
+def _dlopen(data: bytes, path: Path, kind: type[ctypes.CDLL] = ctypes.CDLL) -> tuple[ctypes.CDLL, int]:
+    """``(library, descriptor)``: the library ``data``, loaded as ``kind`` (``ctypes.PyDLL`` for
+    one whose functions use the Python C API: they are called holding the GIL) from a sealed memory file, so that
     what runs is exactly the bytes that were checked (a file on disk could be swapped between
     the check and ``dlopen``). The descriptor must stay open: ``dlopen`` returns a library already
     loaded under the same name, and ``/proc/self/fd/N`` names another file once N is reused.
     Where there are no memory files (not Linux), ``path`` itself is loaded: its folders are
     trusted (``_trusted_path``), so no other user can swap it."""
     if not hasattr(os, "memfd_create"):
-        return ctypes.CDLL(str(path)), -1
+        return kind(str(path)), -1
     import fcntl  # POSIX only, as memfd_create
 
     fd = os.memfd_create(path.name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
@@ -704,7 +707,7 @@ def _dlopen(data: bytes, path: Path) -> tuple[ctypes.CDLL, int]:
         with open(fd, "wb", closefd=False) as f:
             f.write(data)
         fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE)
-        return ctypes.CDLL(f"/proc/self/fd/{fd}"), fd
+        return kind(f"/proc/self/fd/{fd}"), fd
     except BaseException:
         os.close(fd)
         raise
@@ -755,31 +758,42 @@ def _alive(pid: int) -> bool:
 
 
 def _build(source: str, target: Path, compiler: str) -> Kernel:
-    """Compile ``source`` into the shared library ``target`` (with OpenMP if the compiler has
-    it), load it, and only then publish it, atomically: a concurrent process either sees no
-    file or a whole one that loads. Its size and sha256 go next to it (``<name>.sha256``, also
-    replaced atomically), for ``_verified_bytes``. Returns the kernel loaded from the bytes published."""
+    """Compile the kernel ``source`` into ``target`` (with OpenMP if the compiler has it): see
+    :func:`build_library`. Returns the kernel loaded from the bytes published."""
+    commands = [[*shlex.split(compiler), *FLAGS, *extra] for extra in ([OPENMP], [])]
+    return build_library(source, target, "kernel.c", commands, _load_kernel, "the C compiler")
+
+
+def build_library(source: str, target: Path, source_name: str, commands: list[list[str]], load: Callable[[bytes, Path], T], tool: str, libraries: tuple[str, ...] = ()) -> T:
+    """Compile ``source`` (written as ``source_name``) into the shared library ``target`` with the
+    first of ``commands`` (each is completed with ``<source> -o <library> *libraries``: a linker
+    keeps only the libraries named after what uses them) that succeeds and
+    whose library ``load(bytes, path)`` accepts (OSError or AttributeError: it does not), and only
+    then publish it, atomically: a concurrent process either sees no file or a whole one that
+    loads. Its size and sha256 go next to it (``<name>.sha256``, also replaced atomically), for
+    ``_verified_bytes``. Returns what ``load`` made of the bytes published; RuntimeError (naming
+    ``tool``) when no command builds it in time."""
     _remove_stale_builds(target.parent)
     timeout = _cc_timeout()
     tmp = Path(tempfile.mkdtemp(prefix=f"build-{os.getpid()}-", dir=target.parent))
+    output = ""
     try:
-        c_file, library = tmp / "kernel.c", tmp / target.name
-        c_file.write_text(source)
-        for extra in ([OPENMP], []):
-            command = [*shlex.split(compiler), *FLAGS, *extra, str(c_file), "-o", str(library)]
+        source_file, library = tmp / source_name, tmp / target.name
+        source_file.write_text(source)
+        for command in commands:
             try:
-                status, output = _run(command, timeout)
+                status, output = _run([*command, str(source_file), "-o", str(library), *libraries], timeout)
             except TimeoutError as err:
                 raise RuntimeError(str(err)) from None
             except OSError as err:
-                raise RuntimeError(f"cannot run the C compiler {compiler}: {err.strerror or err}") from None
+                raise RuntimeError(f"cannot run {tool} {command[0]}: {err.strerror or err}") from None
             if status != 0:
                 continue
             data = _read_private(library)
             try:
                 if data is None:
                     raise OSError("it wrote no private regular file")
-                kernel = _load_kernel(data, library)
+                loaded = load(data, library)
             except (OSError, AttributeError) as err:
                 output = f"it exited 0, but its library does not load ({err})"
                 continue
@@ -787,8 +801,8 @@ def _build(source: str, target: Path, compiler: str) -> Kernel:
             checksum.write_text(_digest(data) + "\n")
             os.replace(library, target)
             os.replace(checksum, _checksum_path(target))
-            return kernel
-        raise RuntimeError(f"{compiler} failed to compile {target.stem}: {output.strip()[:2000]}")
+            return loaded
+        raise RuntimeError(f"{commands[0][0]} failed to compile {target.stem}: {output.strip()[:2000]}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -32,13 +32,18 @@ from torch import Tensor
 
 from waveguard_optim.history import COUNT_KEY, slot_key
 from waveguard_optim.kernels._checks import check_memory
+from waveguard_optim.kernels.native_check import native_check
 
 _NBYTES = operator.attrgetter("nbytes")
-_DTYPE, _IS_SPARSE = operator.attrgetter("dtype"), operator.attrgetter("is_sparse")
+_DTYPE, _DEVICE, _IS_SPARSE = operator.attrgetter("dtype"), operator.attrgetter("device"), operator.attrgetter("is_sparse")
 
 
 def _ints(values: Any, count: int) -> np.ndarray:
     return np.fromiter(values, dtype=np.int64, count=count)
+
+
+def _list(values: Sequence[Any]) -> list[Any]:
+    return values if type(values) is list else list(values)
 
 
 class StepPlan:
@@ -86,14 +91,29 @@ class StepPlan:
         spans = np.sort(np.stack([self.ptrs, self.ptrs + self.nbytes], 1), axis=0)
         self.starts, self.ends = spans[:, 0], spans[:, 1]  # disjoint, so sorting both columns keeps the pairs
         self.grad_ptrs = np.zeros(rows, dtype=np.int64)  # the gradients' addresses, set by confirm
+        self.grad_nbytes = self.sizes * params[0].element_size()
+        self.keys = tuple(keys)
+        # The arrays' addresses, for the native check (the arrays live as long as the plan).
+        self.ptrs_at, self.nbytes_at, self.sizes_at, self.grad_ptrs_at = (a.ctypes.data for a in (self.ptrs, self.nbytes, self.sizes, self.grad_ptrs))
         self.cache: dict[Any, Any] = {}  # the back end's derived tables (chunks, thread ranges)
 
     def confirm(self, params: Sequence[Tensor], states: Sequence[dict[str, Any] | None], grads: Sequence[Tensor]) -> bool:
         """Whether this step's ``params`` (those with a gradient) and the tensors in their
         ``states`` are the cached ones, unchanged, and ``grads`` are tensors the kernel can read:
         on the parameters' device, dense, of the parameters' dtype and sizes, sharing no byte
-        with a cached tensor. A state dict missing a key (a history deleted) counts as changed."""
-        if len(params) != self.rows or not all(map(operator.is_, params, self.params)):
+        with a cached tensor. A state dict missing a key (a history deleted) counts as changed.
+        The native check (``native_check``) where it is built, else the same checks in Python."""
+        if len(params) != self.rows or len(grads) != self.rows:
+            return False
+        check = native_check()
+        if check is None:
+            return self._same_state(params, states) and self._grads_ok(grads)
+        if not check.same_state(_list(params), _list(states), self.keys, self.tensors, self.ptrs_at, self.nbytes_at):
+            return False
+        return bool(check.grads(_list(grads), self.params[0], self.sizes_at, self.grad_ptrs_at)) and self._grads_apart()
+
+    def _same_state(self, params: Sequence[Tensor], states: Sequence[dict[str, Any] | None]) -> bool:
+        if not all(map(operator.is_, params, self.params)):
             return False
         try:
             now = [*params, *itertools.chain.from_iterable(map(self.fetch, states))]
@@ -102,21 +122,22 @@ class StepPlan:
         count = len(self.tensors)
         if len(now) != count or not all(map(operator.is_, now, self.tensors)):
             return False
-        for get, cached in ((Tensor.data_ptr, self.ptrs), (_NBYTES, self.nbytes)):
-            if not np.array_equal(_ints(map(get, now), count), cached):
-                return False
-        return self._grads_ok(grads)
+        return all(np.array_equal(_ints(map(get, now), count), cached) for get, cached in ((Tensor.data_ptr, self.ptrs), (_NBYTES, self.nbytes)))
 
     def _grads_ok(self, grads: Sequence[Tensor]) -> bool:
-        rows = self.rows
-        if len(grads) != rows or set(map(Tensor.get_device, grads)) != {self.device_index} or any(map(_IS_SPARSE, grads)):
+        if set(map(_DEVICE, grads)) != {self.device} or any(map(_IS_SPARSE, grads)):  # not get_device: -1 on meta too
             return False
         if set(map(_DTYPE, grads)) != {self.dtype} or not all(map(Tensor.is_contiguous, grads)):
             return False
-        if not np.array_equal(_ints(map(Tensor.numel, grads), rows), self.sizes):
+        if not np.array_equal(_ints(map(Tensor.numel, grads), self.rows), self.sizes):
             return False
-        starts = self.grad_ptrs = _ints(map(Tensor.data_ptr, grads), rows)  # the table's gradient column
-        ends = starts + self.sizes * grads[0].element_size()
+        self.grad_ptrs[:] = _ints(map(Tensor.data_ptr, grads), self.rows)
+        return self._grads_apart()
+
+    def _grads_apart(self) -> bool:
+        """Whether no gradient (at ``grad_ptrs``) shares a byte with a cached tensor."""
+        starts = self.grad_ptrs
+        ends = starts + self.grad_nbytes
         before = np.searchsorted(self.starts, ends, side="left") - 1  # the last cached span starting below a gradient's end
         hit = (before >= 0) & (self.ends[np.maximum(before, 0)] > starts) & (ends > starts)
         return not hit.any()
@@ -156,6 +177,7 @@ def make_plan(params: list[Tensor], states: list[dict[str, Any]], columns: Seque
     dtypes and layouts stay with the full step."""
     if not params or params[0].is_complex():
         return None
+    native_check()  # starts building the native check in the background, for later steps
     counts = [state.get(COUNT_KEY) for state in states]
     where = {params[0].device, torch.device("cpu")}
     if not all(isinstance(c, Tensor) and c.device in where and c.dtype == torch.int64 and c.dim() == 0 for c in counts):
