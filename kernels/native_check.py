@@ -123,6 +123,15 @@ def find_compiler() -> str | None:
 LIBRARIES = ("-ltorch_python", "-ltorch", "-lc10")  # already loaded in this process
 
 
+def missing() -> str | None:
+    """What this machine lacks to build the native check (a C++ compiler, Python's headers), or None."""
+    if find_compiler() is None:
+        return "no C++ compiler found (set CXX, or install c++, g++ or clang++)"
+    if not (Path(sysconfig.get_paths()["include"]) / "Python.h").is_file():
+        return f"no Python.h in {sysconfig.get_paths()['include']} (install Python's development headers)"
+    return None
+
+
 def _flags() -> list[str]:
     """What the library is compiled with: torch's and Python's headers, torch's C++ ABI, and
     where torch's libraries (``LIBRARIES``) are."""
@@ -142,9 +151,9 @@ def _load(data: bytes, path: Path) -> NativeCheck:
 
 def build() -> NativeCheck:
     """The library, loaded from the cache or compiled now (RuntimeError when it cannot be)."""
-    compiler = find_compiler()
-    if compiler is None:
-        raise RuntimeError("no C++ compiler found (set CXX, or install c++, g++ or clang++)")
+    compiler, lacking = find_compiler(), missing()
+    if compiler is None or lacking is not None:
+        raise RuntimeError(str(lacking))
     flags = _flags()
     version = cpu_c._run([*shlex.split(compiler), "--version"], 30.0)[1]
     build_id = "\n".join([compiler, version, torch.__version__, str(torch.version.git_version), sys.version, *flags, *LIBRARIES, SOURCE])

@@ -16,7 +16,8 @@ import torch
 
 from test_kernel_safety import SENTINEL, _assert_refused_untouched, _planted
 from waveguard_optim import WaveAdam, WaveSGD, base
-from waveguard_optim.kernels import cpu_c, cpu_step
+from waveguard_optim.kernels import cpu_c, cpu_step, native_check
+from waveguard_optim.kernels import plan as plan_module
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 SHAPES = [(30, 10), (30,), (7,)]
@@ -39,6 +40,19 @@ def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str
     else:
         monkeypatch.setenv("WAVEGUARD_CPU_BACKEND", "c")
         monkeypatch.setattr(base, "fused_backend", lambda device: cpu_step)
+    return request.param
+
+
+@pytest.fixture(params=["native", "python"])
+def check(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A planned step's check: the C++ one (``native_check``, where this machine can build it) or
+    the Python fallback; each must see every change."""
+    if request.param == "python":
+        monkeypatch.setattr(plan_module, "native_check", lambda wait=False: None)
+    elif native_check.missing() is not None:
+        pytest.skip(f"the native check cannot be built here: {native_check.missing()}")
+    elif native_check.native_check(wait=True) is None:
+        raise AssertionError(f"the native check did not build: {native_check.native_check_error()}")
     return request.param
 
 
@@ -103,7 +117,7 @@ def full_steps(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
 
 @pytest.mark.parametrize("kind", ["adam", "sgd"])
-def test_planned_steps_match_the_eager_optimizer(kind: str, full_steps: list[int]) -> None:
+def test_planned_steps_match_the_eager_optimizer(kind: str, full_steps: list[int], check: str) -> None:
     """Warm-up and full history, the ring around twice, an lr edit on the way: one full step
     builds the plan, every later one is planned, and all equal the eager optimizer's."""
     pair = _Pair(kind)
@@ -134,7 +148,7 @@ def test_a_tensor_lr_edited_in_place_is_read_each_planned_step(kind: str, full_s
 
 
 @pytest.mark.parametrize("kind", ["adam", "sgd"])
-def test_parameters_without_a_gradient_are_skipped_planned_too(kind: str, full_steps: list[int]) -> None:
+def test_parameters_without_a_gradient_are_skipped_planned_too(kind: str, full_steps: list[int], check: str) -> None:
     """As torch's ``_init_group``, a parameter whose grad is None is skipped: the plan is of those
     with a gradient, and when that set changes one full step rebuilds it."""
     pair = _Pair(kind)
@@ -282,7 +296,7 @@ SGD_REBUILDS = {"opt.state[p]['momentum_buffer'] replaced": _replace_state("mome
 
 
 @pytest.mark.parametrize(("kind", "case"), [(k, c) for k, cases in (("adam", {**REBUILDS, **ADAM_REBUILDS}), ("sgd", {**REBUILDS, **SGD_REBUILDS})) for c in cases])
-def test_a_tensor_replaced_behind_the_plan_rebuilds_it(kind: str, case: str, full_steps: list[int]) -> None:
+def test_a_tensor_replaced_behind_the_plan_rebuilds_it(kind: str, case: str, full_steps: list[int], check: str) -> None:
     pair = _Pair(kind)
     pair.step(N + 1)
     before = pair.plan()
@@ -317,7 +331,7 @@ SHRINKS = [("adam", "exp_avg_sq"), ("adam", "wave_history_2"), ("adam", "step"),
 
 @pytest.mark.parametrize("how", ["resize_", "set_", ".data ="])
 @pytest.mark.parametrize(("kind", "key"), SHRINKS)
-def test_a_state_tensor_shrunk_in_place_is_refused_untouched(kind: str, key: str, how: str) -> None:
+def test_a_state_tensor_shrunk_in_place_is_refused_untouched(kind: str, key: str, how: str, check: str) -> None:
     """The same tensor object, its memory shrunk (``resize_``, ``set_``, ``.data =``): the plan
     must not write the old size through its cached pointer; the full step refuses the size."""
     if key == "step" and how == "resize_":
@@ -343,7 +357,7 @@ def test_a_state_tensor_shrunk_in_place_is_refused_untouched(kind: str, key: str
     assert (backing[backing.numel() // 2 :] == SENTINEL).all()
 
 
-def test_a_model_conversion_is_refused_untouched() -> None:
+def test_a_model_conversion_is_refused_untouched(check: str) -> None:
     """``model.to(float64)`` after the plan was built: torch's Adam refuses the float32 state, so does this."""
     params = _params()
     opt = _make("adam", params, True)
@@ -355,7 +369,7 @@ def test_a_model_conversion_is_refused_untouched() -> None:
     _assert_refused_untouched(opt, params[0], "expected dtype torch.float64")
 
 
-def test_a_gradient_sharing_memory_with_the_state_is_refused() -> None:
+def test_a_gradient_sharing_memory_with_the_state_is_refused(check: str) -> None:
     """Gradients are checked every step: one that is the slot this step writes is refused, not read while written."""
     params = _params()
     opt = _make("sgd", params, True)
@@ -365,3 +379,56 @@ def test_a_gradient_sharing_memory_with_the_state_is_refused() -> None:
     p = params[1]
     p.grad = opt.state[p][f"wave_history_{(N + 1) % N}"]  # the newest: the (N+2)-th gradient goes to slot (N+1) mod N
     _assert_refused_untouched(opt, p, "shares memory")
+
+
+def _view_of(t: torch.Tensor) -> torch.Tensor:
+    return t.view(t.shape)  # another object on the same memory
+
+
+# How a step's operands may differ from the plan's, and whether the plan may still be used.
+CONFIRM_CASES: dict[str, tuple[Any, bool]] = {
+    "unchanged": (lambda ps, ss, gs: None, True),
+    "another state dict, the same tensors": (lambda ps, ss, gs: ss.__setitem__(0, dict(ss[0])), True),
+    "a parameter's view": (lambda ps, ss, gs: ps.__setitem__(0, _view_of(ps[0])), False),
+    "parameters reordered": (lambda ps, ss, gs: ps.reverse(), False),
+    "a parameter without state": (lambda ps, ss, gs: ss.__setitem__(1, None), False),
+    "a state key deleted": (lambda ps, ss, gs: ss[2].pop("wave_history_1"), False),
+    "a state value a view": (lambda ps, ss, gs: ss[0].update(exp_avg=_view_of(ss[0]["exp_avg"])), False),
+    "a slot resized in place": (lambda ps, ss, gs: ss[1]["wave_history_3"].resize_(2), False),
+    "a count set_ to other memory": (lambda ps, ss, gs: ss[0]["wave_count"].set_(torch.zeros((), dtype=torch.int64)), False),
+    "a gradient missing": (lambda ps, ss, gs: gs.pop(), False),
+    "a float64 gradient": (lambda ps, ss, gs: gs.__setitem__(0, gs[0].double()), False),
+    "a non-contiguous gradient": (lambda ps, ss, gs: gs.__setitem__(0, torch.zeros(10, 30).t()), False),
+    "a gradient of another size": (lambda ps, ss, gs: gs.__setitem__(2, torch.zeros(8)), False),
+    "a meta gradient": (lambda ps, ss, gs: gs.__setitem__(1, torch.empty(30, device="meta")), False),
+    "a sparse gradient": (lambda ps, ss, gs: gs.__setitem__(1, torch.zeros(30).to_sparse()), False),
+    "a gradient that is a state tensor": (lambda ps, ss, gs: gs.__setitem__(1, ss[1]["exp_avg_sq"]), False),
+    "a gradient inside a parameter": (lambda ps, ss, gs: gs.__setitem__(2, ps[0].detach().view(-1)[5:12]), False),
+}
+
+
+@pytest.mark.parametrize("case", CONFIRM_CASES)
+def test_the_plan_check_sees_each_change(case: str, check: str) -> None:
+    """``StepPlan.confirm`` on a planned WaveAdam's operands, changed one way each: the native
+    check and the Python one both answer what the plan may do."""
+    params = _params()
+    opt = _make("adam", params, True)
+    for step in range(N + 1):
+        _grads(params, step)
+        opt.step()
+    plan = opt._wave_plans()[0][-1]
+    _grads(params, N + 1)
+    ps, ss, gs = list(params), [opt.state[p] for p in params], [p.grad for p in params]
+    edit, expected = CONFIRM_CASES[case]
+    edit(ps, ss, gs)
+    assert plan.confirm(ps, ss, gs) is expected
+    if expected:
+        assert plan.grad_ptrs.tolist() == [g.data_ptr() for g in gs]
+
+
+def test_the_native_check_builds_where_a_compiler_and_headers_exist() -> None:
+    """Where ``native_check.missing()`` finds nothing lacking, the C++ check must build (a plan
+    silently falling back to the Python check would be slower, not wrong)."""
+    if native_check.missing() is not None:
+        pytest.skip(native_check.missing())
+    assert native_check.native_check(wait=True) is not None, native_check.native_check_error()
