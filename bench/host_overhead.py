@@ -16,7 +16,9 @@ Tensors are transformer-shaped (``step_time.model_shapes`` with width 8: 12 per 
 256 elements each), so the math is negligible and a step's time is its host overhead. All
 contenders of a size step side by side in one process, round robin in a fresh random order
 each round, after ``buffer_size + 2`` untimed steps (the history is full); each row is the
-median of the timed steps, with its ratio to torch's fused step of the same optimizer.
+median of the timed steps, with its ratio to torch's fused step of the same optimizer. The
+native step-plan check is built (or loaded from its cache) before anything is timed; the JSON
+says whether it was (``native_check``), since without it the plan is confirmed in Python.
 ``--threads`` (default 1) is ``torch.set_num_threads``. JSON: ``--out``.
 """
 
@@ -39,6 +41,7 @@ from typing import Any
 import torch
 
 from waveguard_optim import WaveAdam, WaveSGD
+from waveguard_optim.kernels.native_check import native_check, native_check_error
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from step_time import model_shapes  # noqa: E402
@@ -153,6 +156,9 @@ def main() -> None:
     repeats = repeats * len(counts) if len(repeats) == 1 else repeats
     torch.set_num_threads(args.threads)
     triton = triton_importable()
+    native = native_check(wait=True) is not None
+    if not native:
+        print(f"(no native step-plan check: {native_check_error()}; the plan is confirmed in Python)", file=sys.stderr)
     if not triton:
         print("(triton is not installed: no 'wave triton (stub)' rows)", file=sys.stderr)
 
@@ -173,6 +179,7 @@ def main() -> None:
         machine=platform.machine(),
         threads=args.threads,
         width=WIDTH,
+        native_check=native,
         rows=rows,
     )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -439,27 +439,11 @@ def _launch_c(
     scalars: dict[str, float],
     cache: dict[Any, Any],
 ) -> None:
-    """One call of ``kernel`` on the address table ``ptrs`` (a row per tensor, int64): the chunks
-    and the thread ranges depend on ``sizes`` only, and are kept in ``cache`` (a plan's)."""
-    chunks = cache.get("chunks")
-    if chunks is None:
-        chunks = cache["chunks"] = _chunks(sizes, C_CHUNK)
-    owner, offset, length = chunks
-    threads_wanted = torch.get_num_threads()
-    edges = cache.get(("edges", threads_wanted))
-    if edges is None:
-        total = int(length.sum())
-        threads = max(1, min(threads_wanted, len(owner), total // MIN_ELEMENTS_PER_THREAD))
-        # Contiguous ranges of chunks with about equal element counts, one per thread.
-        bounds = np.searchsorted(np.cumsum(length), [total * k // threads for k in range(1, threads)], side="right")
-        edges = cache[("edges", threads_wanted)] = np.array([0, *bounds.tolist(), len(owner)], dtype=np.int64)
-    threads = len(edges) - 1
+    """One call of ``kernel`` on the address table ``ptrs`` (a row per tensor, int64) and its
+    per-row and scalar arguments, as arrays made now (see :func:`_run_table`)."""
     w, neg_u = filter_constants[:2]
     arrays = (
         np.ascontiguousarray(ptrs, dtype=np.int64),
-        owner,
-        offset,
-        length,
         np.asarray(full, dtype=np.uint8),
         np.asarray(first, dtype=np.uint8),
         np.asarray(step_size, dtype=np.float64),
@@ -468,13 +452,37 @@ def _launch_c(
         np.array(neg_u, dtype=np.float64),
         np.array([scalars[name] for name in cpu_c.SCALARS[algo]], dtype=np.float64),
     )
-    pointers = [a.ctypes.data for a in arrays]
+    _run_table(kernel, sizes, cache, *(a.ctypes.data for a in arrays))
+
+
+def _run_table(kernel: cpu_c.Kernel, sizes: np.ndarray, cache: dict[Any, Any], ptrs: int, *arguments: int) -> None:
+    """``kernel`` on the address table at ``ptrs`` and the arrays at ``arguments`` (full, first,
+    step_size, bc2_sqrt, the filter weights w and -u, the scalars), on ``torch.get_num_threads()``
+    threads: the chunks and the thread ranges depend on ``sizes`` only, and are kept in ``cache``
+    (a plan's), with their addresses."""
+    chunks = cache.get("chunks")
+    if chunks is None:
+        arrays = _chunks(sizes, C_CHUNK)
+        chunks = cache["chunks"] = (arrays, [a.ctypes.data for a in arrays])
+    (owner, _, length), chunk_addresses = chunks
+    threads_wanted = torch.get_num_threads()
+    edges = cache.get(("edges", threads_wanted))
+    if edges is None:
+        total = int(length.sum())
+        threads = max(1, min(threads_wanted, len(owner), total // MIN_ELEMENTS_PER_THREAD))
+        # Contiguous ranges of chunks with about equal element counts, one per thread.
+        bounds = np.searchsorted(np.cumsum(length), [total * k // threads for k in range(1, threads)], side="right")
+        ranges = np.array([0, *bounds.tolist(), len(owner)], dtype=np.int64)
+        edges = cache[("edges", threads_wanted)] = (ranges, ranges.ctypes.data)
+    ranges, at = edges
+    threads = len(ranges) - 1
+    pointers = (ptrs, *chunk_addresses, *arguments)
     if kernel.parallel or threads == 1:
-        kernel.run(edges.ctypes.data, threads, *pointers)
+        kernel.run(at, threads, *pointers)
     else:  # no OpenMP: a range per Python thread (ctypes releases the GIL during the call)
-        ranges = [edges.ctypes.data + k * edges.itemsize for k in range(threads)]
-        futures = [_workers(threads - 1).submit(kernel.run, at, 1, *pointers) for at in ranges[1:]]
-        kernel.run(ranges[0], 1, *pointers)
+        starts = [at + k * ranges.itemsize for k in range(threads)]
+        futures = [_workers(threads - 1).submit(kernel.run, start, 1, *pointers) for start in starts[1:]]
+        kernel.run(starts[0], 1, *pointers)
         for future in futures:
             future.result()
 
@@ -837,12 +845,38 @@ def _planned_kernel(plan: StepPlan, algo: str, switches: dict[str, bool], scale:
     return _c_kernel(algo, switches, _KINDS[plan.dtype], _KINDS[plan.slot_dtype], plan.buffer_size, _c_required(backend, strict))
 
 
-def _planned_ptrs(plan: StepPlan) -> tuple[np.ndarray, np.ndarray]:
-    """The address table of this step (p, the gradients ``confirm`` accepted, state columns,
-    slots oldest first) and ``full``."""
-    slots, full = plan.ring()
-    fixed = plan.fixed_ptrs
-    return np.concatenate([fixed[:, :1], plan.grad_ptrs[:, None], fixed[:, 1:], slots], axis=1), full
+def _planned_table(plan: StepPlan) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """This step's table (p, the gradients ``confirm`` accepted, state columns, slots oldest
+    first) and ``full``, and their addresses (the caller holds the arrays through the launch).
+    Where a group's counts move together (as they do), the table of each ring position is kept
+    in the plan, its gradient column rewritten each step."""
+    counts = plan.count_values
+    together = bool((counts == counts[0]).all())
+    key = ("table", int(counts[0]) % plan.buffer_size, bool(counts[0] + 1 >= plan.buffer_size))
+    held = plan.cache.get(key) if together else None
+    if held is None:
+        slots, full = plan.ring()
+        fixed = plan.fixed_ptrs
+        table = np.concatenate([fixed[:, :1], plan.grad_ptrs[:, None], fixed[:, 1:], slots], axis=1)
+        full = np.asarray(full, dtype=np.uint8)
+        held = (table, full, table.ctypes.data, full.ctypes.data)
+        if together:
+            plan.cache[key] = held
+    else:
+        held[0][:, 1] = plan.grad_ptrs
+    return held
+
+
+def _planned_arguments(plan: StepPlan, algo: str, constants: tuple[Any, ...], scalars: dict[str, float]) -> tuple[int, int, int, int, int]:
+    """The addresses of a planned launch's other arrays: ``first`` (no row is a first step), zeros
+    (SGD's step_size and bc2_sqrt), the filter weights w and -u, the scalars. Kept in the plan
+    while their values stay."""
+    key = (constants, tuple(scalars[name] for name in cpu_c.SCALARS[algo]))
+    held = plan.cache.get("arguments")
+    if held is None or held[0] != key:
+        arrays = (np.zeros(plan.rows, np.uint8), np.zeros(plan.rows), *(np.array(x, dtype=np.float64) for x in (constants[0], constants[1], key[1])))
+        held = plan.cache["arguments"] = (key, arrays, tuple(a.ctypes.data for a in arrays))
+    return held[2]
 
 
 def planned_wave_adam_(
@@ -877,13 +911,14 @@ def planned_wave_adam_(
         return False
     if step_skipped(found_inf):
         return True
-    ptrs, full = _planned_ptrs(plan)
+    table, full, table_at, full_at = _planned_table(plan)  # the arrays stay alive through the launch
     constants = _filter_constants(plan.buffer_size, decay, threshold_scale)
     scalars = _adam_c_scalars(scale, maximize, constants, plan.dtype, hyper, b2, eps, wd)
+    first, _, w, neg_u, values = _planned_arguments(plan, "adam", constants, scalars)
     if "steps" not in plan.cache:  # the plan's steps: the same tensors every planned step (None: not countable in C)
         plan.cache["steps"] = _c_steps(plan.steps)
-    step_size, bc2_sqrt = _adam_steps(plan.steps, lr, beta1, beta2, kernel, plan.cache["steps"])
-    _launch_c(kernel, "adam", ptrs, plan.sizes, full, np.zeros(plan.rows, np.uint8), step_size, bc2_sqrt, constants, scalars, plan.cache)
+    steps = [np.asarray(x, dtype=np.float64) for x in _adam_steps(plan.steps, lr, beta1, beta2, kernel, plan.cache["steps"])]
+    _run_table(kernel, plan.sizes, plan.cache, table_at, full_at, first, *(x.ctypes.data for x in steps), w, neg_u, values)
     plan.advance()
     return True
 
@@ -917,10 +952,10 @@ def planned_wave_sgd_(
         return False
     if step_skipped(found_inf):
         return True
-    ptrs, full = _planned_ptrs(plan)
+    table, full, table_at, full_at = _planned_table(plan)  # the arrays stay alive through the launch
     constants = _filter_constants(plan.buffer_size, decay, threshold_scale)
     scalars = _sgd_c_scalars(scale, maximize, constants, plan.dtype, lr_, wd, mom, damp)
-    zeros = np.zeros(plan.rows)
-    _launch_c(kernel, "sgd", ptrs, plan.sizes, full, zeros.astype(np.uint8), zeros, zeros, constants, scalars, plan.cache)
+    first, zeros, w, neg_u, values = _planned_arguments(plan, "sgd", constants, scalars)
+    _run_table(kernel, plan.sizes, plan.cache, table_at, full_at, first, zeros, zeros, w, neg_u, values)
     plan.advance()
     return True

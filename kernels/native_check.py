@@ -33,7 +33,9 @@ from waveguard_optim.kernels import cpu_c
 
 SOURCE = r"""
 #include <Python.h>
+#include <algorithm>
 #include <torch/csrc/autograd/python_variable.h>
+#include <torch/csrc/autograd/variable.h>
 
 namespace {
 
@@ -43,54 +45,119 @@ bool same_memory(PyObject* o, int64_t ptr, int64_t nbytes) {
   return reinterpret_cast<int64_t>(t.const_data_ptr()) == ptr && static_cast<int64_t>(t.nbytes()) == nbytes;
 }
 
+// Whether state (a dict or a subclass) holds cached[0 .. len(keys)) under keys, in order.
+bool same_row(PyObject* state, PyObject* keys, PyObject* const* cached) {
+  if (state == nullptr || !PyDict_Check(state)) return false;
+  for (Py_ssize_t k = 0; k < PyTuple_GET_SIZE(keys); ++k) {
+    PyObject* value = PyDict_GetItemWithError(state, PyTuple_GET_ITEM(keys, k));
+    if (value == nullptr) {
+      PyErr_Clear();
+      return false;
+    }
+    if (value != cached[k]) return false;
+  }
+  return true;
+}
+
+bool same_memory_all(PyObject* cached, const int64_t* ptrs, const int64_t* nbytes) {
+  for (Py_ssize_t j = 0; j < PyList_GET_SIZE(cached); ++j) {
+    if (!same_memory(PyList_GET_ITEM(cached, j), ptrs[j], nbytes[j])) return false;
+  }
+  return true;
+}
+
+// Whether g is a dense, contiguous tensor of ref's dtype and device with numel elements that
+// shares no byte with the cached spans [starts[j], ends[j]) (sorted, disjoint); its address in *out.
+bool grad_ok(const at::Tensor& g, const at::Tensor& ref, int64_t numel, const int64_t* starts, const int64_t* ends,
+             Py_ssize_t spans, int64_t* out) {
+  if (!g.defined() || g.layout() != c10::kStrided || g.device() != ref.device() || g.scalar_type() != ref.scalar_type()) return false;
+  if (!g.is_contiguous() || g.numel() != numel) return false;
+  const int64_t start = reinterpret_cast<int64_t>(g.const_data_ptr());
+  const int64_t end = start + numel * static_cast<int64_t>(g.element_size());
+  // The last cached span that starts below the gradient's end must end at or before its start.
+  const int64_t* after = std::lower_bound(starts, starts + spans, end);
+  if (end > start && after != starts && ends[after - starts - 1] > start) return false;
+  *out = start;
+  return true;
+}
+
 }  // namespace
 
-// 1 when params[i] is cached[i], states[i] is a dict (or a subclass) whose value under keys[k] is
-// cached[rows + i * len(keys) + k], and every cached tensor has the data pointer ptrs[j] and the
-// byte count nbytes[j]; else 0. The caller passes lists, a tuple of str keys and int64 arrays.
+// 1 when params[i] is cached[i], states[i] holds cached[rows + i * len(keys) + k] under keys[k],
+// and every cached tensor has the data pointer ptrs[j] and the byte count nbytes[j]; else 0.
+// The caller passes lists, a tuple of str keys and int64 arrays.
 extern "C" int wg_same_state(PyObject* params, PyObject* states, PyObject* keys, PyObject* cached,
                              const int64_t* ptrs, const int64_t* nbytes) noexcept {
   try {
     if (!PyList_CheckExact(params) || !PyList_CheckExact(states) || !PyTuple_CheckExact(keys) || !PyList_CheckExact(cached)) return 0;
     const Py_ssize_t rows = PyList_GET_SIZE(params), width = PyTuple_GET_SIZE(keys);
-    const Py_ssize_t count = PyList_GET_SIZE(cached);
-    if (PyList_GET_SIZE(states) != rows || count != rows * (1 + width)) return 0;
+    if (PyList_GET_SIZE(states) != rows || PyList_GET_SIZE(cached) != rows * (1 + width)) return 0;
+    PyObject* const* items = &PyList_GET_ITEM(cached, 0);
     for (Py_ssize_t i = 0; i < rows; ++i) {
-      if (PyList_GET_ITEM(params, i) != PyList_GET_ITEM(cached, i)) return 0;
-      PyObject* state = PyList_GET_ITEM(states, i);
-      if (!PyDict_Check(state)) return 0;
-      for (Py_ssize_t k = 0; k < width; ++k) {
-        PyObject* value = PyDict_GetItemWithError(state, PyTuple_GET_ITEM(keys, k));
-        if (value == nullptr) {
-          PyErr_Clear();
-          return 0;
-        }
-        if (value != PyList_GET_ITEM(cached, rows + i * width + k)) return 0;
-      }
+      if (PyList_GET_ITEM(params, i) != items[i]) return 0;
+      if (!same_row(PyList_GET_ITEM(states, i), keys, items + rows + i * width)) return 0;
     }
-    for (Py_ssize_t j = 0; j < count; ++j) {
-      if (!same_memory(PyList_GET_ITEM(cached, j), ptrs[j], nbytes[j])) return 0;
-    }
-    return 1;
+    return same_memory_all(cached, ptrs, nbytes);
   } catch (...) {  // a tensor without data (a wrapper subclass): not the cached memory
     return 0;
   }
 }
 
-// 1 when every grads[i] is a dense, contiguous tensor of like's dtype and device with numels[i]
-// elements; their data pointers are then in out[i]. Else 0.
-extern "C" int wg_grads(PyObject* grads, PyObject* like, const int64_t* numels, int64_t* out) noexcept {
+// 1 when every grads[i] passes grad_ok with numels[i] (their addresses then in out); else 0.
+extern "C" int wg_grads(PyObject* grads, PyObject* like, const int64_t* numels, int64_t* out,
+                        const int64_t* starts, const int64_t* ends, Py_ssize_t spans) noexcept {
   try {
     if (!PyList_CheckExact(grads) || !THPVariable_Check(like)) return 0;
     const at::Tensor& ref = THPVariable_Unpack(like);
-    const Py_ssize_t rows = PyList_GET_SIZE(grads);
-    for (Py_ssize_t i = 0; i < rows; ++i) {
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(grads); ++i) {
       PyObject* o = PyList_GET_ITEM(grads, i);
-      if (!THPVariable_Check(o)) return 0;
-      const at::Tensor& g = THPVariable_Unpack(o);
-      if (g.layout() != c10::kStrided || g.device() != ref.device() || g.scalar_type() != ref.scalar_type()) return 0;
-      if (!g.is_contiguous() || g.numel() != numels[i]) return 0;
-      out[i] = reinterpret_cast<int64_t>(g.const_data_ptr());
+      if (!THPVariable_Check(o) || !grad_ok(THPVariable_Unpack(o), ref, numels[i], starts, ends, spans, out + i)) return 0;
+    }
+    return 1;
+  } catch (...) {
+    return 0;
+  }
+}
+
+// wg_same_state and wg_grads of a whole param group in one pass: params are the group's (every
+// one a plain Tensor or Parameter, exactly, with a gradient), their states those under them in
+// state_map (a dict or a subclass; nothing is created), their gradients read as p.grad reads them.
+extern "C" int wg_group(PyObject* params, PyObject* state_map, PyObject* keys, PyObject* cached, const int64_t* ptrs,
+                        const int64_t* nbytes, const int64_t* numels, int64_t* out, const int64_t* starts,
+                        const int64_t* ends, Py_ssize_t spans) noexcept {
+  try {
+    if (!PyList_CheckExact(params) || !PyDict_Check(state_map) || !PyTuple_CheckExact(keys) || !PyList_CheckExact(cached)) return 0;
+    const Py_ssize_t rows = PyList_GET_SIZE(params), width = PyTuple_GET_SIZE(keys);
+    if (rows == 0 || PyList_GET_SIZE(cached) != rows * (1 + width)) return 0;
+    PyObject* const* items = &PyList_GET_ITEM(cached, 0);
+    if (!THPVariable_Check(items[0])) return 0;
+    const at::Tensor& ref = THPVariable_Unpack(items[0]);
+    for (Py_ssize_t i = 0; i < rows; ++i) {
+      PyObject* p = PyList_GET_ITEM(params, i);
+      if (p != items[i] || !THPVariable_CheckExact(p)) return 0;
+      PyObject* state = PyDict_GetItemWithError(state_map, p);
+      if (state == nullptr) PyErr_Clear();
+      if (!same_row(state, keys, items + rows + i * width)) return 0;
+      if (!grad_ok(THPVariable_Unpack(p).grad(), ref, numels[i], starts, ends, spans, out + i)) return 0;
+    }
+    return same_memory_all(cached, ptrs, nbytes);
+  } catch (...) {
+    PyErr_Clear();
+    return 0;
+  }
+}
+
+// torch.autograd.graph.increment_version(tensors) of a list of tensors (1; inference tensors have
+// no version to bump), or 0 with none bumped where an item is not a tensor.
+extern "C" int wg_bump(PyObject* tensors) noexcept {
+  try {
+    if (!PyList_CheckExact(tensors)) return 0;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(tensors); ++i) {
+      if (!THPVariable_Check(PyList_GET_ITEM(tensors, i))) return 0;
+    }
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(tensors); ++i) {
+      const at::Tensor& t = THPVariable_Unpack(PyList_GET_ITEM(tensors, i));
+      if (!t.is_inference()) torch::autograd::impl::bump_version(t);
     }
     return 1;
   } catch (...) {
@@ -104,11 +171,14 @@ _OBJECTS = [ctypes.py_object] * 4
 
 @dataclasses.dataclass(frozen=True)
 class NativeCheck:
-    """The loaded library: ``same_state`` is ``wg_same_state``, ``grads`` is ``wg_grads`` (see
-    ``SOURCE``); ``fd`` the sealed memory file it was loaded from, kept open, or -1."""
+    """The loaded library: ``same_state``, ``grads``, ``group``, ``bump`` are ``wg_same_state``,
+    ``wg_grads``, ``wg_group``, ``wg_bump`` (see ``SOURCE``); ``fd`` the sealed memory file it was
+    loaded from, kept open, or -1."""
 
     same_state: Any
     grads: Any
+    group: Any
+    bump: Any
     fd: int
 
 
@@ -144,9 +214,17 @@ def _flags() -> list[str]:
 
 def _load(data: bytes, path: Path) -> NativeCheck:
     library, fd = cpu_c._dlopen(data, path, ctypes.PyDLL)
-    library.wg_same_state.argtypes, library.wg_same_state.restype = [*_OBJECTS, ctypes.c_void_p, ctypes.c_void_p], ctypes.c_int
-    library.wg_grads.argtypes, library.wg_grads.restype = [*_OBJECTS[:2], ctypes.c_void_p, ctypes.c_void_p], ctypes.c_int
-    return NativeCheck(library.wg_same_state, library.wg_grads, fd)
+    pointer, spans = ctypes.c_void_p, ctypes.c_ssize_t
+    signatures = dict(
+        wg_same_state=[*_OBJECTS, pointer, pointer],
+        wg_grads=[*_OBJECTS[:2], pointer, pointer, pointer, pointer, spans],
+        wg_group=[*_OBJECTS, *[pointer] * 6, spans],
+        wg_bump=_OBJECTS[:1],
+    )
+    for name, argtypes in signatures.items():
+        function = getattr(library, name)
+        function.argtypes, function.restype = argtypes, ctypes.c_int
+    return NativeCheck(library.wg_same_state, library.wg_grads, library.wg_group, library.wg_bump, fd)
 
 
 def build() -> NativeCheck:

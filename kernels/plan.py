@@ -89,12 +89,14 @@ class StepPlan:
         self.slot_dtype = held[0][first_slot].dtype
         self.nbytes = _ints(map(_NBYTES, self.tensors), count)
         spans = np.sort(np.stack([self.ptrs, self.ptrs + self.nbytes], 1), axis=0)
-        self.starts, self.ends = spans[:, 0], spans[:, 1]  # disjoint, so sorting both columns keeps the pairs
+        self.starts, self.ends = (np.ascontiguousarray(spans[:, k]) for k in (0, 1))  # disjoint, so sorting both columns keeps the pairs
         self.grad_ptrs = np.zeros(rows, dtype=np.int64)  # the gradients' addresses, set by confirm
         self.grad_nbytes = self.sizes * params[0].element_size()
         self.keys = tuple(keys)
         # The arrays' addresses, for the native check (the arrays live as long as the plan).
-        self.ptrs_at, self.nbytes_at, self.sizes_at, self.grad_ptrs_at = (a.ctypes.data for a in (self.ptrs, self.nbytes, self.sizes, self.grad_ptrs))
+        arrays = (self.ptrs, self.nbytes, self.sizes, self.grad_ptrs, self.starts, self.ends)
+        self.ptrs_at, self.nbytes_at, self.sizes_at, self.grad_ptrs_at, self.starts_at, self.ends_at = (a.ctypes.data for a in arrays)
+        self.plain = all(type(p) in (Tensor, torch.nn.Parameter) for p in params)  # p.grad is the C++ grad()
         self.cache: dict[Any, Any] = {}  # the back end's derived tables (chunks, thread ranges)
 
     def confirm(self, params: Sequence[Tensor], states: Sequence[dict[str, Any] | None], grads: Sequence[Tensor]) -> bool:
@@ -110,7 +112,19 @@ class StepPlan:
             return self._same_state(params, states) and self._grads_ok(grads)
         if not check.same_state(_list(params), _list(states), self.keys, self.tensors, self.ptrs_at, self.nbytes_at):
             return False
-        return bool(check.grads(_list(grads), self.params[0], self.sizes_at, self.grad_ptrs_at)) and self._grads_apart()
+        return bool(check.grads(_list(grads), self.params[0], self.sizes_at, self.grad_ptrs_at, self.starts_at, self.ends_at, len(self.starts)))
+
+    def confirm_group(self, params: list[Tensor], state: dict[Tensor, dict[str, Any]]) -> bool:
+        """:meth:`confirm` of a whole group in one native call: its ``params`` all have a
+        gradient and are the cached ones, their states (in the optimizer's ``state``) unchanged.
+        False where it cannot tell (no native check, a parameter without a gradient or of a
+        Tensor subclass, a torch function mode, which ``p.grad`` would consult): then filter the
+        parameters with gradients and :meth:`confirm` them."""
+        check = native_check()
+        if check is None or not self.plain or torch._C._is_torch_function_mode_enabled():
+            return False
+        ok = check.group(params, state, self.keys, self.tensors, self.ptrs_at, self.nbytes_at, self.sizes_at, self.grad_ptrs_at, self.starts_at, self.ends_at, len(self.starts))
+        return bool(ok)
 
     def _same_state(self, params: Sequence[Tensor], states: Sequence[dict[str, Any] | None]) -> bool:
         if not all(map(operator.is_, params, self.params)):
@@ -154,13 +168,27 @@ class StepPlan:
         """Tell autograd about what the kernel wrote through raw pointers (p, its state, the
         newest slots; every slot where the counts are on a device, not read here), as in-place
         torch ops would, and count the recorded gradient: one add to the group's count buffer."""
-        if self.count_values is None:
-            written = self.slots
-        else:
-            newest = operator.itemgetter(*(self.first_slots + self.count_values % self.buffer_size).tolist())(self.slots)
-            written = newest if self.rows > 1 else (newest,)
-        torch.autograd.graph.increment_version([*self.fixed_written, *written])
+        written = self._written()
+        check = native_check()
+        if check is None or not check.bump(written):
+            torch.autograd.graph.increment_version(written)
         self.count_buffer.add_(1)
+
+    def _written(self) -> list[Tensor]:
+        """The tensors this step's kernel wrote; kept per ring position where the counts move
+        together (as one group's do)."""
+        counts = self.count_values
+        if counts is None:
+            return self.cache.get("written") or self.cache.setdefault("written", [*self.fixed_written, *self.slots])
+        position = int(counts[0]) % self.buffer_size
+        together = bool((counts == counts[0]).all())
+        held = self.cache.get(("written", position)) if together else None
+        if held is None:
+            newest = operator.itemgetter(*(self.first_slots + counts % self.buffer_size).tolist())(self.slots)
+            held = [*self.fixed_written, *(newest if self.rows > 1 else (newest,))]
+            if together:
+                self.cache[("written", position)] = held
+        return held
 
 
 def step_skipped(found_inf: Tensor | None) -> bool:

@@ -191,9 +191,11 @@ class WaveGuardMixin(torch.optim.Optimizer):
         return True
 
     def _planned_step(self, group: dict[str, Any], kernels: ModuleType, plan: Any) -> bool:
-        params, grads = _with_grads(group["params"])
-        states = list(map(self.state.get, params))
-        return plan.confirm(params, states, grads) and self._run_plan(group, kernels, plan)
+        if not plan.confirm_group(group["params"], self.state):
+            params, grads = _with_grads(group["params"])
+            if not plan.confirm(params, list(map(self.state.get, params)), grads):
+                return False
+        return self._run_plan(group, kernels, plan)
 
     def _run_plan(self, group: dict[str, Any], kernels: ModuleType, plan: Any) -> bool:
         """The kernel module's planned step of this optimizer on a confirmed plan, whose gradients
