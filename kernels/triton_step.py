@@ -580,7 +580,7 @@ class _Launch:
         self.numels.append(numel)
 
     def run(self, kernel: Any, hyper: Tensor, scale: Tensor | None, buffer_size: int, **constexprs: Any) -> None:
-        rows = lambda: _uploaded(np.array(self.rows, dtype=np.int64), self.device)  # noqa: E731 (built only if there is work)
+        rows = lambda: _uploaded(np.array(self.rows, dtype=np.int64), self.device, constexprs)  # noqa: E731 (built only if there is work)
         _launch(kernel, rows, tuple(self.numels), self.device, hyper, scale, buffer_size, constexprs)
         for t, copy in self.write_back:
             t.copy_(copy)
@@ -605,14 +605,14 @@ def _vector_width(table: np.ndarray, constexprs: dict[str, Any]) -> int:
     return vec if aligned else 1
 
 
-def _uploaded(host: np.ndarray, device: torch.device) -> tuple[np.ndarray, Tensor]:
-    """A table, and its copy on the device (the table itself on the CPU)."""
-    return host, _to_device(torch.from_numpy(host), device)
+def _uploaded(host: np.ndarray, device: torch.device, constexprs: dict[str, Any]) -> tuple[np.ndarray, Tensor, int]:
+    """A table, its copy on the device (the table itself on the CPU), and its ``VEC``."""
+    return host, _to_device(torch.from_numpy(host), device), _vector_width(host, constexprs)
 
 
 def _launch(
     kernel: Any,
-    table: Callable[[], tuple[np.ndarray, Tensor]],
+    table: Callable[[], tuple[np.ndarray, Tensor, int]],
     numels: tuple[int, ...],
     device: torch.device,
     hyper: Tensor,
@@ -621,12 +621,12 @@ def _launch(
     constexprs: dict[str, Any],
     found_inf: Tensor | None = None,
 ) -> None:
-    """One launch over the rows of ``table()`` (an int64 array and its copy on the device, made
-    only if there is work); with ``found_inf`` (on the device) it stores nothing where that is nonzero."""
+    """One launch over the rows of ``table()`` (an int64 array, its copy on the device and its
+    ``VEC``: see :func:`_uploaded`; made only if there is work); with ``found_inf`` (on the device) it stores nothing where that is nonzero."""
     block, num_warps = _launch_config(buffer_size, constexprs["ACC"] == tl.float64)
     blocks = _blocks(numels, block, device)
     if blocks.shape[0]:
-        host, rows = table()
+        _, rows, vec = table()
         kernel[(blocks.shape[0],)](
             rows,
             blocks,
@@ -635,7 +635,7 @@ def _launch(
             hyper if found_inf is None else found_inf,
             C=rows.shape[1],
             BLOCK=block,
-            VEC=_vector_width(host, constexprs),
+            VEC=vec,
             HAS_SCALE=scale is not None,
             HAS_INF=found_inf is not None,
             num_warps=num_warps,
@@ -1022,15 +1022,15 @@ def _planned_hyper(plan: StepPlan, values: Sequence[float | Tensor]) -> Tensor:
     return _with_tensor_values(held[1], values)
 
 
-def _planned_table(plan: StepPlan, fixed: list[np.ndarray]) -> tuple[np.ndarray, Tensor]:
+def _planned_table(plan: StepPlan, fixed: list[np.ndarray], constexprs: dict[str, Any]) -> tuple[np.ndarray, Tensor, int]:
     """The table of a planned step (numel, p, the gradients ``confirm`` accepted, ``fixed``
-    columns, the counts, the slots in ring order), and its copy on the device, kept in the plan
-    and copied again only when an address changed (the gradients', or steps copied each step)."""
+    columns, the counts, the slots), as :func:`_uploaded` gives it, kept in the plan and made
+    again only when an address changed (the gradients', or a device copy of the steps)."""
     columns = [plan.sizes, plan.fixed_ptrs[:, 0], plan.grad_ptrs, *fixed, _kernel_counts(plan)]
     host = np.concatenate([np.stack(columns, axis=1), plan.slot_ptrs], axis=1)
     held = plan.cache.get("table")
     if held is None or not np.array_equal(held[0], host):
-        held = plan.cache["table"] = _uploaded(host, plan.device)
+        held = plan.cache["table"] = _uploaded(host, plan.device, constexprs)
     return held
 
 
@@ -1056,7 +1056,7 @@ def _planned_launch(
     back where ``found_inf``, on the device, says the step was skipped)."""
     n = plan.buffer_size
     options = constexprs | _filter_constexprs(n, *filter_options)
-    _launch(kernel, lambda: _planned_table(plan, fixed), plan.numels, plan.device, hyper, scale, n, options, found_inf)
+    _launch(kernel, lambda: _planned_table(plan, fixed, options), plan.numels, plan.device, hyper, scale, n, options, found_inf)
     _advance(plan)
     if found_inf is not None:
         plan.count_buffer.sub_(found_inf.to(torch.int64))
