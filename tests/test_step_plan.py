@@ -432,3 +432,52 @@ def test_the_native_check_builds_where_a_compiler_and_headers_exist() -> None:
     if native_check.missing() is not None:
         pytest.skip(native_check.missing())
     assert native_check.native_check(wait=True) is not None, native_check.native_check_error()
+
+
+class _Mode(torch.overrides.TorchFunctionMode):
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        return func(*args, **(kwargs or {}))
+
+
+# How a group may differ from its plan, edited on the optimizer itself, and whether the one-call
+# check of the whole group (``StepPlan.confirm_group``) may confirm it.
+GROUP_CASES: dict[str, tuple[Any, bool]] = {
+    "unchanged": (lambda opt, ps: None, True),
+    "another state dict, the same tensors": (lambda opt, ps: opt.state.__setitem__(ps[0], dict(opt.state[ps[0]])), True),
+    "a state dict of copies": (lambda opt, ps: opt.state.__setitem__(ps[1], {k: v.clone() for k, v in opt.state[ps[1]].items()}), False),
+    "a state dict removed": (lambda opt, ps: opt.state.pop(ps[2]), False),
+    "a state key deleted": (lambda opt, ps: opt.state[ps[0]].pop("exp_avg"), False),
+    "a parameter replaced": (lambda opt, ps: ps.__setitem__(1, torch.nn.Parameter(ps[1].detach().clone())), False),
+    "parameters reordered": (lambda opt, ps: ps.reverse(), False),
+    "a parameter without a gradient": (lambda opt, ps: setattr(ps[1], "grad", None), False),
+    "a slot resized in place": (lambda opt, ps: opt.state[ps[1]]["wave_history_2"].resize_(3), False),
+    "a float64 gradient": (lambda opt, ps: (setattr(ps[0], "grad_dtype", None), setattr(ps[0], "grad", ps[0].grad.double())), False),
+    "a non-contiguous gradient": (lambda opt, ps: setattr(ps[0], "grad", torch.zeros(10, 30).t()), False),
+    "a gradient that is a state tensor": (lambda opt, ps: setattr(ps[1], "grad", opt.state[ps[1]]["exp_avg"]), False),
+    "a gradient inside another parameter": (lambda opt, ps: setattr(ps[2], "grad", ps[0].detach().view(-1)[3:10]), False),
+}
+
+
+@pytest.mark.parametrize("case", GROUP_CASES)
+def test_the_one_call_group_check_sees_each_change(case: str) -> None:
+    """``StepPlan.confirm_group`` (the native check of a whole group, the planned step's first
+    try) on a planned WaveAdam edited one way each: it confirms only what ``confirm`` would,
+    and where it does, it has this step's gradient addresses."""
+    if native_check.missing() is not None:
+        pytest.skip(f"the native check cannot be built here: {native_check.missing()}")
+    assert native_check.native_check(wait=True) is not None, native_check.native_check_error()
+    params = _params()
+    opt = _make("adam", params, True)
+    for step in range(N + 1):
+        _grads(params, step)
+        opt.step()
+    plan = opt._wave_plans()[0][-1]
+    _grads(params, N + 1)
+    group = opt.param_groups[0]["params"]
+    edit, expected = GROUP_CASES[case]
+    edit(opt, group)
+    assert plan.confirm_group(group, opt.state) is expected
+    if expected:
+        assert plan.grad_ptrs.tolist() == [p.grad.data_ptr() for p in group]
+        with _Mode():  # p.grad would consult the mode: the group check leaves it to the Python path
+            assert plan.confirm_group(group, opt.state) is False
