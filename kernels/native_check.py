@@ -60,10 +60,29 @@ bool same_row(PyObject* state, PyObject* keys, PyObject* const* cached) {
 }
 
 bool same_memory_all(PyObject* cached, const int64_t* ptrs, const int64_t* nbytes) {
-  for (Py_ssize_t j = 0; j < PyList_GET_SIZE(cached); ++j) {
-    if (!same_memory(PyList_GET_ITEM(cached, j), ptrs[j], nbytes[j])) return false;
+  const Py_ssize_t count = PyList_GET_SIZE(cached);
+  PyObject* const* items = &PyList_GET_ITEM(cached, 0);
+  for (Py_ssize_t j = 0; j < count; ++j) {
+    // Each check reads three objects (the Python tensor, its TensorImpl, its StorageImpl): fetch
+    // those of the tensors a few ahead while this one is checked (only pointers already read).
+    if (j + 16 < count) __builtin_prefetch(items[j + 16]);
+    if (j + 8 < count && THPVariable_Check(items[j + 8])) __builtin_prefetch(THPVariable_Unpack(items[j + 8]).unsafeGetTensorImpl());
+    if (!same_memory(items[j], ptrs[j], nbytes[j])) return false;
   }
   return true;
+}
+
+// state_map[p], or nullptr. A tensor's hash is its id (torch.Tensor.__hash__): passing it saves
+// a Python call per parameter. Were the hash another, the lookup would miss and the caller take
+// the Python path: a wrong answer is impossible, only a slower one.
+PyObject* state_of(PyObject* state_map, PyObject* p) {
+#if PY_VERSION_HEX < 0x030D0000
+  PyObject* state = _PyDict_GetItem_KnownHash(state_map, p, static_cast<Py_hash_t>(reinterpret_cast<intptr_t>(p)));
+#else
+  PyObject* state = PyDict_GetItemWithError(state_map, p);
+#endif
+  if (state == nullptr) PyErr_Clear();
+  return state;
 }
 
 // Whether g is a dense, contiguous tensor of ref's dtype and device with numel elements that
@@ -135,9 +154,7 @@ extern "C" int wg_group(PyObject* params, PyObject* state_map, PyObject* keys, P
     for (Py_ssize_t i = 0; i < rows; ++i) {
       PyObject* p = PyList_GET_ITEM(params, i);
       if (p != items[i] || !THPVariable_CheckExact(p)) return 0;
-      PyObject* state = PyDict_GetItemWithError(state_map, p);
-      if (state == nullptr) PyErr_Clear();
-      if (!same_row(state, keys, items + rows + i * width)) return 0;
+      if (!same_row(state_of(state_map, p), keys, items + rows + i * width)) return 0;
       if (!grad_ok(THPVariable_Unpack(p).grad(), ref, numels[i], starts, ends, spans, out + i)) return 0;
     }
     return same_memory_all(cached, ptrs, nbytes);
