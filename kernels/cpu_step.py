@@ -837,7 +837,17 @@ def fused_wave_sgd_(
 
 def _planned_kernel(plan: StepPlan, algo: str, switches: dict[str, bool], scale: float | None, decay: float, threshold_scale: float, backend: str | None, strict: bool) -> cpu_c.Kernel | None:
     """The C variant for a planned step, or None where the full step must run (the torch back
-    end: no compiler, a grad scale that is not a power of two, weights no variant evaluates exactly)."""
+    end: no compiler, a grad scale that is not a power of two, weights no variant evaluates exactly).
+    Kept in the plan while the arguments (and ``$WAVEGUARD_CPU_BACKEND``) stay."""
+    key = (algo, *switches.values(), scale, decay, threshold_scale, backend, strict, os.environ.get("WAVEGUARD_CPU_BACKEND"))
+    held = plan.cache.get("kernel")
+    if held is None or held[0] != key:
+        held = plan.cache["kernel"] = (key, _choose_planned_kernel(plan, algo, switches, scale, decay, threshold_scale, backend, strict))
+    return held[1]
+
+
+def _choose_planned_kernel(plan: StepPlan, algo: str, switches: dict[str, bool], scale: float | None, decay: float, threshold_scale: float, backend: str | None, strict: bool) -> cpu_c.Kernel | None:
+    """:func:`_planned_kernel`, chosen now."""
     if _resolve_backend(backend) != "c" or not _exact_reciprocal(scale) or not _filter_constants(plan.buffer_size, decay, threshold_scale)[4]:
         return None
     if plan.dtype not in _KINDS or plan.slot_dtype not in _KINDS:

@@ -169,14 +169,17 @@ class StepPlan:
         newest slots; every slot where the counts are on a device, not read here), as in-place
         torch ops would, and count the recorded gradient: one add to the group's count buffer."""
         written = self._written()
+        if self.count_values is None:
+            self.count_buffer.add_(1)
+        else:  # in place through the host's view; the version bump below tells autograd, as add_ would
+            self.count_values += 1
         check = native_check()
         if check is None or not check.bump(written):
             torch.autograd.graph.increment_version(written)
-        self.count_buffer.add_(1)
 
     def _written(self) -> list[Tensor]:
-        """The tensors this step's kernel wrote; kept per ring position where the counts move
-        together (as one group's do)."""
+        """The tensors this step writes (with CPU counts, the count buffer too); kept per ring
+        position where the counts move together (as one group's do)."""
         counts = self.count_values
         if counts is None:
             return self.cache.get("written") or self.cache.setdefault("written", [*self.fixed_written, *self.slots])
@@ -185,7 +188,7 @@ class StepPlan:
         held = self.cache.get(("written", position)) if together else None
         if held is None:
             newest = operator.itemgetter(*(self.first_slots + counts % self.buffer_size).tolist())(self.slots)
-            held = [*self.fixed_written, *(newest if self.rows > 1 else (newest,))]
+            held = [*self.fixed_written, *(newest if self.rows > 1 else (newest,)), self.count_buffer]
             if together:
                 self.cache[("written", position)] = held
         return held
