@@ -52,6 +52,7 @@ import torch
 
 from waveguard_optim import WaveAdam, WaveSGD
 from waveguard_optim.denoise import claim_histories
+from waveguard_optim.kernels.native_check import native_check
 from waveguard_optim.options import WAVE_DEFAULTS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -307,6 +308,7 @@ def main(argv: list[str] | None = None) -> None:
     args.buffer_dtype = getattr(torch, args.buffer_dtype) if args.buffer_dtype else None
     torch.set_num_threads(args.threads)
     paths = {p.strip() for p in args.paths.split(",")}
+    native = native_check(wait=True) is not None  # a fused step's plan is checked in C++ where it can be
 
     rows: list[dict[str, Any]] = []
     for size in (int(float(s)) for s in args.sizes.split(",")):
@@ -319,7 +321,7 @@ def main(argv: list[str] | None = None) -> None:
     result: dict[str, Any] = dict(
         command=" ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
         machine=dict(platform=platform.platform(), processor=platform.processor(), cpus=os.cpu_count(), threads=args.threads,
-                     torch=torch.__version__, device=args.device),
+                     torch=torch.__version__, device=args.device, native_check=native),
         rows=rows,
     )  # fmt: skip
     if args.first_step and args.device == "cpu":
