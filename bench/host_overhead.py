@@ -2,6 +2,7 @@
 
     python bench/host_overhead.py                 # 146 / 1,000 / 10,000 tensors, ~10 min on 2 cores
     python bench/host_overhead.py --quick         # a smoke run: 146 and 1,000 tensors, few repeats
+    python bench/host_overhead.py --python-check  # plans checked in Python (no C++ compiler or headers)
 
 On a GPU the fused step of a model with hundreds of small tensors is bound by its Python, not
 by memory. This measures that Python on the CPU, where it can be measured without a GPU:
@@ -18,7 +19,8 @@ contenders of a size step side by side in one process, round robin in a fresh ra
 each round, after ``buffer_size + 2`` untimed steps (the history is full); each row is the
 median of the timed steps, with its ratio to torch's fused step of the same optimizer. The
 native step-plan check is built (or loaded from its cache) before anything is timed; the JSON
-says whether it was (``native_check``), since without it the plan is confirmed in Python.
+says whether it was (``native_check``), since without it the plan is confirmed in Python;
+``--python-check`` times that fallback on purpose.
 ``--threads`` (default 1) is ``torch.set_num_threads``. JSON: ``--out``.
 """
 
@@ -41,6 +43,7 @@ from typing import Any
 import torch
 
 from waveguard_optim import WaveAdam, WaveSGD
+from waveguard_optim.kernels import plan as plan_module
 from waveguard_optim.kernels.native_check import native_check, native_check_error
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -149,6 +152,7 @@ def main() -> None:
     parser.add_argument("--repeats", default="31,15,7", help="timed steps per contender, one per count (or one for all)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="smoke run: 146 and 1,000 tensors, 5 repeats")
+    parser.add_argument("--python-check", action="store_true", help="confirm plans in Python, as where the native check cannot be built")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "host_overhead.json"))
     args = parser.parse_args()
     counts = [146, 1000] if args.quick else [int(float(c)) for c in args.counts.split(",")]
@@ -156,8 +160,10 @@ def main() -> None:
     repeats = repeats * len(counts) if len(repeats) == 1 else repeats
     torch.set_num_threads(args.threads)
     triton = triton_importable()
-    native = native_check(wait=True) is not None
-    if not native:
+    native = native_check(wait=True) is not None and not args.python_check
+    if args.python_check:
+        plan_module.native_check = lambda wait=False: None
+    elif not native:
         print(f"(no native step-plan check: {native_check_error()}; the plan is confirmed in Python)", file=sys.stderr)
     if not triton:
         print("(triton is not installed: no 'wave triton (stub)' rows)", file=sys.stderr)
