@@ -49,11 +49,16 @@ def check(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> st
     the Python fallback; each must see every change."""
     if request.param == "python":
         monkeypatch.setattr(plan_module, "native_check", lambda wait=False: None)
-    elif native_check.missing() is not None:
-        pytest.skip(f"the native check cannot be built here: {native_check.missing()}")
-    elif native_check.native_check(wait=True) is None:
-        raise AssertionError(f"the native check did not build: {native_check.native_check_error()}")
+    else:
+        _require_native_check()
     return request.param
+
+
+def _require_native_check() -> None:
+    """Skip where this machine cannot build the native check; fail where it can but did not."""
+    if native_check.missing() is not None:
+        pytest.skip(f"the native check cannot be built here: {native_check.missing()}")
+    assert native_check.native_check(wait=True) is not None, f"the native check did not build: {native_check.native_check_error()}"
 
 
 def _params(seed: int = 0) -> list[torch.nn.Parameter]:
@@ -381,6 +386,17 @@ def test_a_gradient_sharing_memory_with_the_state_is_refused(check: str) -> None
     _assert_refused_untouched(opt, p, "shares memory")
 
 
+def _planned_adam() -> tuple[list[torch.nn.Parameter], torch.optim.Optimizer, Any]:
+    """A fused WaveAdam with a plan and a full history, and the next step's gradients set."""
+    params = _params()
+    opt = _make("adam", params, True)
+    for step in range(N + 1):
+        _grads(params, step)
+        opt.step()
+    _grads(params, N + 1)
+    return params, opt, opt._wave_plans()[0][-1]
+
+
 def _view_of(t: torch.Tensor) -> torch.Tensor:
     return t.view(t.shape)  # another object on the same memory
 
@@ -411,13 +427,7 @@ CONFIRM_CASES: dict[str, tuple[Any, bool]] = {
 def test_the_plan_check_sees_each_change(case: str, check: str) -> None:
     """``StepPlan.confirm`` on a planned WaveAdam's operands, changed one way each: the native
     check and the Python one both answer what the plan may do."""
-    params = _params()
-    opt = _make("adam", params, True)
-    for step in range(N + 1):
-        _grads(params, step)
-        opt.step()
-    plan = opt._wave_plans()[0][-1]
-    _grads(params, N + 1)
+    params, opt, plan = _planned_adam()
     ps, ss, gs = list(params), [opt.state[p] for p in params], [p.grad for p in params]
     edit, expected = CONFIRM_CASES[case]
     edit(ps, ss, gs)
@@ -429,9 +439,7 @@ def test_the_plan_check_sees_each_change(case: str, check: str) -> None:
 def test_the_native_check_builds_where_a_compiler_and_headers_exist() -> None:
     """Where ``native_check.missing()`` finds nothing lacking, the C++ check must build (a plan
     silently falling back to the Python check would be slower, not wrong)."""
-    if native_check.missing() is not None:
-        pytest.skip(native_check.missing())
-    assert native_check.native_check(wait=True) is not None, native_check.native_check_error()
+    _require_native_check()
 
 
 class _Mode(torch.overrides.TorchFunctionMode):
@@ -463,16 +471,8 @@ def test_the_one_call_group_check_sees_each_change(case: str) -> None:
     """``StepPlan.confirm_group`` (the native check of a whole group, the planned step's first
     try) on a planned WaveAdam edited one way each: it confirms only what ``confirm`` would,
     and where it does, it has this step's gradient addresses."""
-    if native_check.missing() is not None:
-        pytest.skip(f"the native check cannot be built here: {native_check.missing()}")
-    assert native_check.native_check(wait=True) is not None, native_check.native_check_error()
-    params = _params()
-    opt = _make("adam", params, True)
-    for step in range(N + 1):
-        _grads(params, step)
-        opt.step()
-    plan = opt._wave_plans()[0][-1]
-    _grads(params, N + 1)
+    _require_native_check()
+    _, opt, plan = _planned_adam()
     group = opt.param_groups[0]["params"]
     edit, expected = GROUP_CASES[case]
     edit(opt, group)
