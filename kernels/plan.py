@@ -97,7 +97,7 @@ class StepPlan:
         arrays = (self.ptrs, self.nbytes, self.sizes, self.grad_ptrs, self.starts, self.ends)
         self.ptrs_at, self.nbytes_at, self.sizes_at, self.grad_ptrs_at, self.starts_at, self.ends_at = (a.ctypes.data for a in arrays)
         self.plain = all(type(p) in (Tensor, torch.nn.Parameter) for p in params)  # p.grad is the C++ grad()
-        self.cache: dict[Any, Any] = {}  # the back end's derived tables (chunks, thread ranges)
+        self.cache: dict[Any, Any] = {}  # derived tables: the back end's (chunks, launch tables) and written lists
 
     def confirm(self, params: Sequence[Tensor], states: Sequence[dict[str, Any] | None], grads: Sequence[Tensor]) -> bool:
         """Whether this step's ``params`` (those with a gradient) and the tensors in their
@@ -167,7 +167,8 @@ class StepPlan:
     def advance(self) -> None:
         """Tell autograd about what the kernel wrote through raw pointers (p, its state, the
         newest slots; every slot where the counts are on a device, not read here), as in-place
-        torch ops would, and count the recorded gradient: one add to the group's count buffer."""
+        torch ops would, and count the recorded gradient: one add to the group's count buffer
+        (through the host's view of it where it is on the CPU)."""
         written = self._written()
         if self.count_values is None:
             self.count_buffer.add_(1)
