@@ -860,17 +860,16 @@ def _planned_table(plan: StepPlan) -> tuple[np.ndarray, np.ndarray, int, int]:
     first) and ``full``, and their addresses (the caller holds the arrays through the launch).
     Where a group's counts move together (as they do), the table of each ring position is kept
     in the plan, its gradient column rewritten each step."""
-    counts = plan.count_values
-    together = bool((counts == counts[0]).all())
-    key = ("table", int(counts[0]) % plan.buffer_size, bool(counts[0] + 1 >= plan.buffer_size))
-    held = plan.cache.get(key) if together else None
+    position = plan.ring_position()
+    key = ("table", position, bool(plan.count_values[0] + 1 >= plan.buffer_size))
+    held = plan.cache.get(key) if position is not None else None
     if held is None:
         slots, full = plan.ring()
         fixed = plan.fixed_ptrs
         table = np.concatenate([fixed[:, :1], plan.grad_ptrs[:, None], fixed[:, 1:], slots], axis=1)
         full = np.asarray(full, dtype=np.uint8)
         held = (table, full, table.ctypes.data, full.ctypes.data)
-        if together:
+        if position is not None:
             plan.cache[key] = held
     else:
         held[0][:, 1] = plan.grad_ptrs

@@ -96,7 +96,6 @@ class StepPlan:
         # The arrays' addresses, for the native check (the arrays live as long as the plan).
         arrays = (self.ptrs, self.nbytes, self.sizes, self.grad_ptrs, self.starts, self.ends)
         self.ptrs_at, self.nbytes_at, self.sizes_at, self.grad_ptrs_at, self.starts_at, self.ends_at = (a.ctypes.data for a in arrays)
-        self.plain = all(type(p) in (Tensor, torch.nn.Parameter) for p in params)  # p.grad is the C++ grad()
         self.cache: dict[Any, Any] = {}  # derived tables: the back end's (chunks, launch tables) and written lists
 
     def confirm(self, params: Sequence[Tensor], states: Sequence[dict[str, Any] | None], grads: Sequence[Tensor]) -> bool:
@@ -118,10 +117,11 @@ class StepPlan:
         """:meth:`confirm` of a whole group in one native call: its ``params`` all have a
         gradient and are the cached ones, their states (in the optimizer's ``state``) unchanged.
         False where it cannot tell (no native check, a parameter without a gradient or of a
-        Tensor subclass, a torch function mode, which ``p.grad`` would consult): then filter the
-        parameters with gradients and :meth:`confirm` them."""
+        Tensor subclass, whose ``p.grad`` may differ from the C++ one, a torch function mode,
+        which ``p.grad`` would consult): then filter the parameters with gradients and
+        :meth:`confirm` them."""
         check = native_check()
-        if check is None or not self.plain or torch._C._is_torch_function_mode_enabled():
+        if check is None or torch._C._is_torch_function_mode_enabled():
             return False
         ok = check.group(params, state, self.keys, self.tensors, self.ptrs_at, self.nbytes_at, self.sizes_at, self.grad_ptrs_at, self.starts_at, self.ends_at, len(self.starts))
         return bool(ok)
@@ -164,6 +164,15 @@ class StepPlan:
         order = (start[:, None] + np.arange(n)) % n
         return np.take_along_axis(self.slot_ptrs, order, 1), self.count_values + 1 >= n
 
+    def ring_position(self) -> int | None:
+        """The ring position (count mod N) that every CPU count of the group is at, as they are
+        unless a count was written apart; else None. Tables and lists that depend on the ring
+        only through it are kept per position."""
+        counts = self.count_values
+        if counts is None or not (counts == counts[0]).all():
+            return None
+        return int(counts[0]) % self.buffer_size
+
     def advance(self) -> None:
         """Tell autograd about what the kernel wrote through raw pointers (p, its state, the
         newest slots; every slot where the counts are on a device, not read here), as in-place
@@ -183,14 +192,16 @@ class StepPlan:
         position where the counts move together (as one group's do)."""
         counts = self.count_values
         if counts is None:
-            return self.cache.get("written") or self.cache.setdefault("written", [*self.fixed_written, *self.slots])
-        position = int(counts[0]) % self.buffer_size
-        together = bool((counts == counts[0]).all())
-        held = self.cache.get(("written", position)) if together else None
+            held = self.cache.get("written")
+            if held is None:
+                held = self.cache["written"] = [*self.fixed_written, *self.slots]
+            return held
+        position = self.ring_position()
+        held = self.cache.get(("written", position)) if position is not None else None
         if held is None:
             newest = operator.itemgetter(*(self.first_slots + counts % self.buffer_size).tolist())(self.slots)
             held = [*self.fixed_written, *(newest if self.rows > 1 else (newest,)), self.count_buffer]
-            if together:
+            if position is not None:
                 self.cache[("written", position)] = held
         return held
 
