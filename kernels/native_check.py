@@ -246,10 +246,10 @@ def _load(data: bytes, path: Path) -> NativeCheck:
 
 def build() -> NativeCheck:
     """The library, loaded from the cache or compiled now (RuntimeError when it cannot be)."""
-    compiler, lacking = find_compiler(), missing()
-    if compiler is None or lacking is not None:
-        raise RuntimeError(str(lacking))
-    flags = _flags()
+    lacking = missing()
+    if lacking is not None:
+        raise RuntimeError(lacking)
+    compiler, flags = str(find_compiler()), _flags()
     version = cpu_c._run([*shlex.split(compiler), "--version"], 30.0)[1]
     build_id = "\n".join([compiler, version, torch.__version__, str(torch.version.git_version), sys.version, *flags, *LIBRARIES, SOURCE])
     path = cpu_c.cache_dir() / f"wg_check_{hashlib.sha256(build_id.encode()).hexdigest()[:16]}.so"
